@@ -1,0 +1,48 @@
+# alignfuse: the two commands a fresh machine needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= cpu,dev
+STAMP  := $(VENV)/.installed-$(EXTRAS)
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: install test test-fast lint typecheck demo bench browser clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+browser:
+	bash scripts/install-browser.sh
+
+# Lint, then the whole offline test suite (browser tests included).
+test: install browser
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow and not browser"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+typecheck: install
+	$(BIN)/mypy
+
+# Generate the demo scenes (if absent), build the demo collection with the shipped models, serve on :8000.
+demo: install
+	bash scripts/demo.sh
+
+bench: install
+	$(BIN)/python bench/build.py
+	$(BIN)/python bench/rerank.py
+	$(BIN)/python bench/service.py
+
+clean:
+	rm -rf demo-data .pytest_cache .ruff_cache .mypy_cache

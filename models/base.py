@@ -1,0 +1,152 @@
+"""Protocols and value types shared by every model family.
+
+A *dual encoder* embeds images and texts independently into one L2-normalised space (stage 1).
+A *cross-encoder* reads a (text, image) pair together and scores whether they match (stage 2); its API is
+split so text states and image states are computed once each and reused across many pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+Precision = Literal["fp32", "fp16", "bf16"]
+ResizeMode = Literal["squash", "shortest", "longest"]
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+
+def torch_dtype(precision: Precision) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a model input. Recorded in a collection's manifest."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: ResizeMode = "shortest"  # "squash": resize to size x size ignoring aspect (ALBEF/BLIP)
+    center_crop: bool = True
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model. ``weights_sha256`` changes whenever the weights do."""
+
+    spec: str
+    family: str
+    arch: str
+    weights: str  # pretrained tag, file path, hub id, or "random-init"
+    weights_sha256: str
+    embed_dim: int
+    preprocess: Preprocess
+    description: str = ""
+    extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def id(self) -> str:
+        return f"{self.spec}#{self.weights_sha256[:12]}"
+
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+@runtime_checkable
+class DualEncoder(Protocol):
+    """Stage-1 model. Both encode methods return float32 numpy arrays [n, embed_dim], L2-normalised."""
+
+    info: ModelInfo
+    device: torch.device
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    @property
+    def image_transform(self) -> ImageTransform: ...
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """``pixels``: a batch already passed through ``image_transform`` (float [n, 3, H, W])."""
+        ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass
+class TextStates:
+    """Per-text states a cross-encoder computes once and reuses across pairs.
+
+    ``ids``/``mask`` are token ids and the attention mask [n, T]; ``hidden`` the unimodal text states [n, T, D]
+    where the model has them (ALBEF: text layer 5), else None (BLIP runs its whole text tower per pair).
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> TextStates:
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.ids.device)
+        return TextStates(self.ids[idx], self.mask[idx], None if self.hidden is None else self.hidden[idx])
+
+
+@dataclass
+class ImageStates:
+    """Per-image states: the vision tower's output tokens [n, L, D] (what the feature cache stores, fp16),
+    plus an optional model-specific cache of cross-attention key/value projections derived from them."""
+
+    tokens: torch.Tensor
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> ImageStates:
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.tokens.device)
+        kv = None if self.kv is None else tuple((k[idx], v[idx]) for k, v in self.kv)
+        return ImageStates(self.tokens[idx], kv)
+
+
+@dataclass(frozen=True)
+class MatchScores:
+    """Cross-encoder output per pair: the ITM logit of the "match" class and the match probability
+    (softmax over the two ITM classes). Also the raw two-class logits, for score fusion."""
+
+    logit: np.ndarray  # float32 [n]: logit of class 1 ("match")
+    prob: np.ndarray  # float32 [n]: softmax(logits)[:, 1]
+
+
+@runtime_checkable
+class CrossEncoder(Protocol):
+    """Stage-2 model (ITM head).
+
+    ``score(text, images)`` scores pairs: either side may have batch 1 (broadcast) or both batch n (aligned
+    pairs). One batched forward, no Python loop over pairs.
+    """
+
+    info: ModelInfo
+    device: torch.device
+
+    @property
+    def image_transform(self) -> ImageTransform: ...
+
+    def text_states(self, texts: Sequence[str]) -> TextStates: ...
+
+    def image_states(self, pixels: torch.Tensor) -> ImageStates:
+        """Vision tower over transformed pixels; includes the K/V cache when enabled."""
+        ...
+
+    def image_states_from_tokens(self, tokens: torch.Tensor) -> ImageStates:
+        """Rebuild states from cached vision tokens (e.g. fp16 from the feature cache)."""
+        ...
+
+    def score(self, text: TextStates, images: ImageStates) -> MatchScores: ...

@@ -1,0 +1,190 @@
+"""Model specs, the family registry and the ``create_*`` factories (open_clip/timm style).
+
+A spec is one string: ``family:name[@tag]``.
+
+===========================================  ==========================================================
+``open_clip:ViT-B-32@laion2b_s34b_b79k``     open_clip architecture + pretrained tag
+``open_clip:ViT-B-32@/path/weights.bin``     open_clip architecture + local weights file
+``open_clip:ViT-B-32``                       open_clip architecture, random init (logged as such)
+``open_clip:hf-hub:org/repo``                open_clip model from the Hugging Face hub
+``albef:base@coco`` / ``@flickr30k`` /       official ALBEF checkpoints (mscoco.pth, flickr30k.pth,
+``@4m`` / ``@14m``                           ALBEF_4M.pth, ALBEF.pth)
+``albef:base@/path/file.pth``                local ALBEF checkpoint
+``albef:/path/config.json@/path/file.pth``   custom ALBEF size + weights
+``blip:Salesforce/blip-itm-base-coco``       BLIP ITM through transformers (hub id or local directory)
+``alignfuse:<name>``                         the project's own models shipped in the package
+===========================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .base import PRECISIONS, CrossEncoder, DualEncoder, Precision
+from .errors import InvalidInputError, ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed spec string. ``tag`` is a pretrained tag, a path, or None (random init / family default)."""
+
+    family: str
+    name: str
+    tag: str | None
+    raw: str
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+DualFactory = Callable[[ModelSpec, torch.device, Precision], DualEncoder]
+CrossFactory = Callable[[ModelSpec, torch.device, Precision], CrossEncoder]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One line of ``list_models()``."""
+
+    spec: str
+    kind: Literal["dual", "cross", "dual+cross"]
+    description: str
+    cached: bool | None = None  # None: not applicable (random init / shipped in the package)
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    dual: DualFactory | None
+    cross: CrossFactory | None
+    known: Callable[[], list[ModelEntry]] | None
+
+
+_FAMILIES: dict[str, _Family] = {}
+# Modules that register a family when imported. A module that does not exist (yet) is skipped.
+_FAMILY_MODULES = ("models.openclip", "models.albef", "models.blip", "models.builtin")
+_loaded = False
+
+
+def register_family(
+    name: str,
+    *,
+    dual: DualFactory | None = None,
+    cross: CrossFactory | None = None,
+    known: Callable[[], list[ModelEntry]] | None = None,
+) -> None:
+    """Register the factories of a model family (``open_clip``, ``albef``, ...)."""
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"bad family name {name!r}")
+    _FAMILIES[name] = _Family(name, dual, cross, known)
+
+
+def _ensure_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _FAMILY_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+            log.debug("model family module %s not present", mod)
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Parse ``family:name[@tag]``. Raises InvalidInputError naming the spec when malformed."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidInputError("model spec is empty; expected 'family:name[@tag]', e.g. open_clip:ViT-B-32")
+    raw = spec.strip()
+    family, sep, rest = raw.partition(":")
+    if not sep or not family or not rest:
+        raise InvalidInputError(
+            f"model spec {raw!r} has no family; expected 'family:name[@tag]' "
+            f"(families: {', '.join(sorted(known_families()))})"
+        )
+    name, at, tag = rest.partition("@")
+    if not name:
+        raise InvalidInputError(f"model spec {raw!r} has an empty name")
+    if at and not tag:
+        raise InvalidInputError(f"model spec {raw!r} has an empty tag after '@'")
+    return ModelSpec(family=family, name=name, tag=tag if at else None, raw=raw)
+
+
+def known_families() -> list[str]:
+    _ensure_families()
+    return sorted(_FAMILIES)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInputError(f"unsupported device {str(device)!r}; use cpu or cuda")
+    return dev
+
+
+def _check_precision(precision: str, device: torch.device) -> Precision:
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type == "cpu":
+        log.warning("precision %s on CPU is slower than fp32 here; consider --precision fp32", precision)
+    return precision  # type: ignore[return-value]
+
+
+def _family_for(spec: ModelSpec) -> _Family:
+    _ensure_families()
+    fam = _FAMILIES.get(spec.family)
+    if fam is None:
+        raise InvalidInputError(
+            f"unknown model family {spec.family!r} in spec {spec.raw!r}; known: {', '.join(sorted(_FAMILIES))}"
+        )
+    return fam
+
+
+def create_dual_encoder(
+    spec: str | ModelSpec, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> DualEncoder:
+    """Build the stage-1 model named by ``spec`` (see the module docstring for spec forms)."""
+    ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    fam = _family_for(ms)
+    if fam.dual is None:
+        raise InvalidInputError(f"{ms.raw}: family {fam.name!r} has no dual encoder")
+    dev = resolve_device(device)
+    return fam.dual(ms, dev, _check_precision(precision, dev))
+
+
+def create_cross_encoder(
+    spec: str | ModelSpec, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> CrossEncoder:
+    """Build the stage-2 (ITM) model named by ``spec``."""
+    ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    fam = _family_for(ms)
+    if fam.cross is None:
+        raise InvalidInputError(
+            f"{ms.raw}: family {fam.name!r} has no cross-encoder (rerankers: albef, blip, alignfuse:scenes-albef)"
+        )
+    dev = resolve_device(device)
+    return fam.cross(ms, dev, _check_precision(precision, dev))
+
+
+def list_models() -> list[ModelEntry]:
+    """Known specs of every registered family, with whether their weights are cached locally."""
+    _ensure_families()
+    out: list[ModelEntry] = []
+    for fam in sorted(_FAMILIES.values(), key=lambda f: f.name):
+        if fam.known is not None:
+            try:
+                out.extend(fam.known())
+            except ModelUnavailableError as exc:  # pragma: no cover - listing must not fail
+                log.warning("cannot list %s models: %s", fam.name, exc)
+    return out

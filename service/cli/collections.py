@@ -1,0 +1,10 @@
+"""CLI commands: collections (filled in by its owner)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to ``app``."""
+    _ = app
