@@ -5,6 +5,7 @@ No environment is read here (only ``service`` reads settings); callers pass cach
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,10 +37,8 @@ def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     digest = h.hexdigest()
-    try:
+    with contextlib.suppress(OSError):  # read-only location: fine, just slower next time
         sidecar.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}))
-    except OSError:  # read-only location: fine, just slower next time
-        pass
     return digest
 
 
