@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(EXTRAS)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install test test-fast lint typecheck demo bench browser clean
+.PHONY: install test test-fast lint typecheck demo bench sysdeps clean
 
 install: $(STAMP)
 
@@ -16,11 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-browser:
+# System packages the tests drive for real: Chromium (web page) and docker-compose (compose validation).
+sysdeps:
 	bash scripts/install-browser.sh
+	bash scripts/install-tools.sh
 
 # Lint, then the whole offline test suite (browser tests included).
-test: install browser
+test: install sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
