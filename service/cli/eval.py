@@ -1,10 +1,190 @@
-"""CLI commands: eval (filled in by its owner)."""
+"""CLI command ``alignfuse eval``: ALBEF-protocol retrieval evaluation of a collection's models on a
+Karpathy-style test split (see ``docs/evaluation.md`` and :mod:`index.evaluation`)."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from index.evaluation import DEFAULT_MAX_ALL_PAIRS, FUSIONS, MODES, EvalReport, evaluate
+from models.errors import InvalidInputError, NotFoundError
+from models.registry import create_cross_encoder, create_dual_encoder, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _parse_modes(modes: str | None, have_reranker: bool) -> tuple[str, ...]:
+    if modes is None:
+        return ("dual", "rerank") if have_reranker else ("dual",)
+    parts = [m.strip() for m in modes.split(",") if m.strip()]
+    if not parts:
+        raise InvalidInputError(f"--modes is empty; choose from {', '.join(MODES)}")
+    for m in parts:
+        if m not in MODES:
+            raise InvalidInputError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+    return tuple(dict.fromkeys(parts))
+
+
+def _auto_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tables(report: EvalReport) -> tuple[Table, Table]:
+    """Recall table (percent) and a table of hard-negative group accuracy and cost, one row per mode."""
+    m = report.meta
+    title = (
+        f"{Path(m.karpathy_file).name}: {m.n_images} images, {m.n_texts} texts, k_test={m.k_test}, "
+        f"fusion={m.fusion}"
+    )
+    recall = Table(title=title)
+    recall.add_column("mode", no_wrap=True)
+    for col in ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean"):
+        recall.add_column(col, justify="right", no_wrap=True)
+    cost = Table()
+    cost.add_column("mode", no_wrap=True)
+    has_group = any(r.group is not None for r in report.results)
+    if has_group:
+        cost.add_column("group t2i (chance)", justify="right")
+        cost.add_column("group i2t (chance)", justify="right")
+    for col in ("encoder passes", "pair evals", "seconds"):
+        cost.add_column(col, justify="right")
+    for r in report.results:
+        rec = r.recall
+        vals = (rec.tr_r1, rec.tr_r5, rec.tr_r10, rec.ir_r1, rec.ir_r5, rec.ir_r10, rec.r_mean)
+        recall.add_row(r.mode, *(f"{v:.2f}" for v in vals))
+        row = [r.mode]
+        if has_group:
+            g = r.group
+            row += (
+                [f"{g.t2i:.3f} ({g.t2i_chance:.3f})", f"{g.i2t:.3f} ({g.i2t_chance:.3f})"]
+                if g
+                else ["-", "-"]
+            )
+        row += [f"{r.encoder_passes:,}", f"{r.pair_evals:,}", f"{r.seconds:.2f}"]
+        cost.add_row(*row)
+    cost.caption = (
+        f"dual encoder {m.dual_encoder}; reranker {m.cross_encoder or '-'}; embeddings: {m.embeddings} "
+        f"({m.encoded_now} encoded now)"
+    )
+    return recall, cost
+
+
+def eval_command(
+    collection: Path = typer.Argument(..., help="Collection folder; its manifest names the dual encoder."),
+    karpathy: Path = typer.Option(
+        ..., "--karpathy", help="Karpathy-style test split JSON (coco_test.json, ...)."
+    ),
+    image_root: Path | None = typer.Option(
+        None,
+        "--image-root",
+        help="Folder the JSON's image paths are relative to (default: the JSON's folder).",
+    ),
+    modes: str | None = typer.Option(
+        None,
+        "--modes",
+        help="Comma-separated: dual, rerank, all_pairs (default: dual,rerank; dual without reranker).",
+    ),
+    k_test: int = typer.Option(
+        256, "--k-test", help="Rerank candidates per query (ALBEF: 256 COCO, 128 Flickr)."
+    ),
+    reranker: str | None = typer.Option(
+        None, "--reranker", help="Cross-encoder spec (default: the reranker recorded in the manifest)."
+    ),
+    fusion: str = typer.Option(
+        "itm", "--fusion", help="itm (ALBEF: ITM logit) or itm+itc (BLIP: logit + cosine)."
+    ),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
+    batch_size: int = typer.Option(
+        64, "--batch-size", help="Images/texts per encoder forward, pairs per ITM forward."
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", help="Evaluate only the first N images (and their captions)."
+    ),
+    max_all_pairs: int = typer.Option(
+        DEFAULT_MAX_ALL_PAIRS, "--max-all-pairs", help="Refuse all_pairs above this many (image, text) pairs."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by mode (+ meta)."),
+) -> None:
+    """Retrieval recall (TR/IR R@1/5/10, r_mean) with ALBEF's protocol: dual encoder, rerank, all pairs."""
+    if k_test < 1:
+        raise InvalidInputError(f"--k-test must be >= 1, got {k_test}")
+    if batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise InvalidInputError(f"--limit must be >= 1, got {limit}")
+    if max_all_pairs < 1:
+        raise InvalidInputError(f"--max-all-pairs must be >= 1, got {max_all_pairs}")
+    if fusion not in FUSIONS:
+        raise InvalidInputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if not karpathy.is_file():
+        raise NotFoundError(f"--karpathy: file not found: {karpathy}")
+    if image_root is not None and not image_root.is_dir():
+        raise NotFoundError(f"--image-root: folder not found: {image_root}")
+    if modes is not None:
+        _parse_modes(modes, True)  # report a bad --modes before loading anything
+
+    dev = _auto_device(device)
+    try:
+        resolve_device(dev)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"--device: {exc.message}") from exc
+    except RuntimeError as exc:  # torch.device() rejects the string itself
+        raise InvalidInputError(f"--device: {device!r} is not a device (use cpu, cuda, cuda:N or auto)") from exc
+
+    from index.collection import Collection, is_collection
+
+    if not is_collection(collection):
+        raise NotFoundError(f"COLLECTION: no collection at {collection}")
+    with Collection.open(collection) as coll:
+        manifest = coll.manifest
+        reranker_spec = reranker or (manifest.reranker.spec if manifest.reranker is not None else None)
+        mode_list = _parse_modes(modes, reranker_spec is not None)
+        if reranker_spec is None and any(m != "dual" for m in mode_list):
+            raise InvalidInputError(
+                "--reranker: modes rerank/all_pairs need a cross-encoder and the collection records none"
+            )
+        dual = create_dual_encoder(manifest.encoder.spec, device=dev, precision=precision)
+        if not manifest.encoder.matches(dual.info):
+            log.warning(
+                "%s now has weights %s, the collection was built with %s: re-encoding the split",
+                manifest.encoder.spec,
+                dual.info.weights_sha256[:12],
+                manifest.encoder.weights_sha256[:12],
+            )
+        cross = None
+        if reranker_spec is not None and any(m != "dual" for m in mode_list):
+            cross = create_cross_encoder(reranker_spec, device=dev, precision=precision)
+        report = evaluate(
+            coll,
+            karpathy,
+            image_root,
+            dual,
+            cross,
+            mode_list,
+            k_test,
+            batch_size,
+            fusion=fusion,
+            limit=limit,
+            max_all_pairs=max_all_pairs,
+        )
+    if as_json:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        console = Console()
+        for table in _tables(report):
+            console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    _ = app
+    app.command("eval")(eval_command)

@@ -1,0 +1,282 @@
+"""ALBEF behind the project's protocols: :class:`AlbefDualEncoder` (ITC embeddings) and
+:class:`AlbefCrossEncoder` (ITM reranker). Both may share one loaded :class:`AlbefModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.albef.checkpoint import LoadReport, load_albef_checkpoint
+from models.albef.config import AlbefConfig
+from models.albef.model import AlbefModel
+from models.base import (
+    ImageStates,
+    ImageTransform,
+    MatchScores,
+    ModelInfo,
+    Precision,
+    Preprocess,
+    TextStates,
+    torch_dtype,
+)
+from models.errors import InvalidInputError
+from models.text import AlbefTokenizer
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def albef_preprocess(config: AlbefConfig) -> Preprocess:
+    """ALBEF's test-time preprocessing: bicubic squash to ``image_res`` (no crop), CLIP mean/std."""
+    return Preprocess(
+        image_size=config.image_res,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        interpolation="bicubic",
+        resize_mode="squash",
+        center_crop=False,
+    )
+
+
+class SquashTransform:
+    """PIL image → float tensor [3, R, R]: RGB, bicubic resize to R×R ignoring aspect, [0,1], normalise."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+        self._mean = torch.tensor(preprocess.mean).view(3, 1, 1)
+        self._std = torch.tensor(preprocess.std).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = self.preprocess.image_size
+        img = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (arr - self._mean) / self._std
+
+
+@dataclass
+class AlbefBundle:
+    """One loaded model + tokenizer + identity, shared by the dual and cross adapters."""
+
+    model: AlbefModel
+    tokenizer: AlbefTokenizer
+    config: AlbefConfig
+    device: torch.device
+    precision: Precision
+    weights: str
+    weights_sha256: str
+    report: LoadReport | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def info(self, spec: str, arch: str, description: str, *, kind: str) -> ModelInfo:
+        return ModelInfo(
+            spec=spec,
+            family="albef",
+            arch=arch,
+            weights=self.weights,
+            weights_sha256=self.weights_sha256,
+            embed_dim=self.config.embed_dim,
+            preprocess=albef_preprocess(self.config),
+            description=description,
+            extra=(("kind", kind), ("max_text_len", str(self.config.max_text_len))),
+        )
+
+
+def _model_dtype(device: torch.device, precision: Precision) -> torch.dtype:
+    if device.type == "cpu" and precision != "fp32":
+        logger.warning("ALBEF: %s on CPU is slow here; running fp32 instead", precision)
+        return torch.float32
+    return torch_dtype(precision)
+
+
+def build_albef(
+    config: AlbefConfig,
+    weights_path: str | Path | None,
+    device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
+    *,
+    seed: int = 0,
+    spec: str = "albef",
+) -> AlbefBundle:
+    """Build an eval-mode :class:`AlbefModel` on ``device``/``precision``: weights from ``weights_path`` (any
+    format :func:`load_albef_checkpoint` accepts), or random init with ``seed`` when None (logged)."""
+    from models.hub import sha256_file, sha256_state_dict
+
+    dev = torch.device(device)
+    tokenizer = AlbefTokenizer(config.vocab, max_len=config.max_text_len)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise InvalidInputError(
+            f"{spec}: tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's vocab_size "
+            f"({config.vocab_size})"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AlbefModel(config)
+    report = None
+    if weights_path is None:
+        logger.warning("%s: no weights given: RANDOM INIT (seed %d)", spec, seed)
+        digest = sha256_state_dict(model.state_dict())
+        weights = "random-init"
+    else:
+        report = load_albef_checkpoint(model, weights_path)
+        digest = sha256_file(weights_path)
+        weights = str(weights_path)
+    model = model.to(device=dev, dtype=_model_dtype(dev, precision)).eval()
+    model.requires_grad_(False)
+    return AlbefBundle(model, tokenizer, config, dev, precision, weights, digest, report)
+
+
+class _AlbefBase:
+    def __init__(self, bundle: AlbefBundle, info: ModelInfo) -> None:
+        self.bundle = bundle
+        self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.info = info
+        self.device = bundle.device
+        self._transform = SquashTransform(info.preprocess)
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        return self._transform
+
+    def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        res = self.bundle.config.image_res
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise InvalidInputError(f"expected a pixel batch [n, 3, {res}, {res}], got {tuple(pixels.shape)}")
+        if tuple(pixels.shape[2:]) != (res, res):
+            raise InvalidInputError(f"ALBEF expects {res}x{res} pixels, got {tuple(pixels.shape[2:])}")
+        return pixels.to(self.device, dtype=self.bundle.dtype, non_blocking=True)
+
+    def _tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            raise InvalidInputError("pass a list of strings, not one string")
+        ids, mask = self.tokenizer(list(texts))
+        return ids.to(self.device), mask.to(self.device)
+
+
+class AlbefDualEncoder(_AlbefBase):
+    """Stage 1: ALBEF's ITC embeddings (normalised ``vision_proj``/``text_proj`` of the CLS states)."""
+
+    @property
+    def embed_dim(self) -> int:
+        return self.bundle.config.embed_dim
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        if len(pixels) == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        emb = self.model.image_embed(self.model.image_tokens(self._pixels(pixels)))
+        return emb.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise InvalidInputError("encode_texts takes a list of strings, not one string")
+        if len(texts) == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        ids, mask = self._tokens(texts)
+        emb = self.model.text_embed(self.model.text_states(ids, mask))
+        return emb.float().cpu().numpy()
+
+
+class AlbefCrossEncoder(_AlbefBase):
+    """Stage 2: ALBEF's ITM head. ``score`` returns the logit of class 1 ("match") and its softmax prob.
+
+    ``kv_cache=True``: :meth:`image_states` also computes the fusion layers' cross-attention K/V of each
+    image (``ImageStates.kv``), so scoring a new text against cached images skips ~70% of the FLOPs.
+    ``max_pairs`` bounds one forward's batch (longer candidate lists run in chunks of that size)."""
+
+    def __init__(
+        self, bundle: AlbefBundle, info: ModelInfo, *, kv_cache: bool = False, max_pairs: int = 256
+    ) -> None:
+        super().__init__(bundle, info)
+        self.kv_cache = kv_cache
+        self.max_pairs = max_pairs
+
+    @torch.inference_mode()
+    def text_states(self, texts: Sequence[str]) -> TextStates:
+        ids, mask = self._tokens(texts)
+        return TextStates(ids, mask, self.model.text_states(ids, mask))
+
+    @torch.inference_mode()
+    def image_states(self, pixels: torch.Tensor) -> ImageStates:
+        return self.image_states_from_tokens(self.model.image_tokens(self._pixels(pixels)))
+
+    @torch.inference_mode()
+    def image_states_from_tokens(self, tokens: torch.Tensor) -> ImageStates:
+        cfg = self.bundle.config
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (cfg.num_image_tokens, cfg.vision_width):
+            raise InvalidInputError(
+                f"expected image tokens [n, {cfg.num_image_tokens}, {cfg.vision_width}], got {tuple(tokens.shape)}"
+            )
+        tokens = tokens.to(self.device, dtype=self.bundle.dtype)
+        kv = self.model.cross_kv(tokens) if self.kv_cache else None
+        return ImageStates(tokens, kv)
+
+    @torch.inference_mode()
+    def score(self, text: TextStates, images: ImageStates) -> MatchScores:
+        nt, ni = len(text), len(images)
+        if nt == 0 or ni == 0:
+            return MatchScores(np.zeros(0, np.float32), np.zeros(0, np.float32))
+        if nt != ni and 1 not in (nt, ni):
+            raise InvalidInputError(
+                f"cannot pair {nt} texts with {ni} images (need equal counts or one side 1)"
+            )
+        hidden = text.hidden
+        ids, mask = text.ids.to(self.device), text.mask.to(self.device)
+        if hidden is None:
+            hidden = self.model.text_states(ids, mask)
+        hidden = hidden.to(self.device, dtype=self.bundle.dtype)
+        n = max(nt, ni)
+        outs = []
+        for start in range(0, n, self.max_pairs):
+            sl = slice(start, min(n, start + self.max_pairs))
+            h, m = (hidden, mask) if nt == 1 else (hidden[sl], mask[sl])
+            if ni == 1:
+                tok, kv = images.tokens, images.kv
+            else:
+                tok = images.tokens[sl]
+                kv = None if images.kv is None else tuple((k[sl], v[sl]) for k, v in images.kv)
+            tok = tok.to(self.device, dtype=self.bundle.dtype)
+            if kv is not None:
+                kv = tuple(
+                    (k.to(self.device, self.bundle.dtype), v.to(self.device, self.bundle.dtype))
+                    for k, v in kv
+                )
+            outs.append(self.model.itm_logits(h, m, None if kv is not None else tok, kv=kv).float())
+        logits = torch.cat(outs)
+        prob = logits.softmax(dim=-1)[:, 1]
+        return MatchScores(logits[:, 1].cpu().numpy(), prob.cpu().numpy())
+
+
+# ---------------------------------------------------------------------------- shared loading for the registry
+_SHARED: weakref.WeakValueDictionary[tuple[str, str, str, str], AlbefBundle] = weakref.WeakValueDictionary()
+
+
+def shared_bundle(
+    config: AlbefConfig,
+    weights_path: str | Path | None,
+    device: torch.device,
+    precision: Precision,
+    spec: str,
+) -> AlbefBundle:
+    """Like :func:`build_albef`, but a dual and a cross adapter created for the same config/weights/device
+    share one model while either is alive."""
+    key = (config.to_json(), str(weights_path), str(device), precision)
+    bundle = _SHARED.get(key)
+    if bundle is None:
+        bundle = build_albef(config, weights_path, device, precision, spec=spec)
+        _SHARED[key] = bundle
+    return bundle

@@ -1,0 +1,62 @@
+"""FastAPI dependencies: settings, engine, metrics, API-key checks."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from models.errors import UnauthorizedError
+
+from ..engine import SearchEngine
+from ..metrics import Metrics
+from ..settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    """The settings the app was created with (override with ``app.dependency_overrides`` in tests)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> SearchEngine:
+    engine: SearchEngine = request.app.state.engine
+    return engine
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[SearchEngine, Depends(get_engine)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def _check_key(request: Request, settings: Settings) -> None:
+    key = settings.api_key
+    if key is None or not key.get_secret_value():
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthorizedError("missing API key: send 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(token.strip().encode("utf-8"), key.get_secret_value().encode("utf-8")):
+        raise UnauthorizedError("wrong API key")
+
+
+def require_read(request: Request, settings: SettingsDep) -> None:
+    """Reads need the key only when ``require_key_for_reads`` is on."""
+    if settings.require_key_for_reads:
+        _check_key(request, settings)
+
+
+def require_write(request: Request, settings: SettingsDep) -> None:
+    """Writes need the key whenever one is configured."""
+    _check_key(request, settings)
+
+
+ReadAuth = Depends(require_read)
+WriteAuth = Depends(require_write)

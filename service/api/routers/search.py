@@ -1,0 +1,96 @@
+"""``POST /v1/search`` (JSON: text or base64 image) and ``POST /v1/search/image`` (multipart upload)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from models.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+
+from ...images import IMAGE_CONTENT_TYPES
+from ...types import SearchRequest
+from ..deps import EngineDep, ReadAuth, SettingsDep
+from ..schemas import ERROR_RESPONSES, Fusion, Modality, SearchBody, SearchOut
+
+router = APIRouter(prefix="/v1/search", tags=["search"], dependencies=[ReadAuth], responses=ERROR_RESPONSES)
+
+
+def _decode_b64(data: str, max_bytes: int) -> bytes:
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    if len(data) > math.ceil(max_bytes / 3) * 4 + 4:
+        raise PayloadTooLargeError(
+            f"image is over the limit of {max_bytes} bytes", detail={"max_bytes": max_bytes}
+        )
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError("image is not valid base64", detail={"field": "image"}) from None
+
+
+async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
+    """Read an uploaded file (415 for a non-image content type, 413 over ``max_bytes``)."""
+    ctype = (file.content_type or "").split(";")[0].strip().lower()
+    if ctype not in IMAGE_CONTENT_TYPES:
+        raise UnsupportedMediaError(
+            f"{file.filename or 'upload'}: content type {ctype or 'none'!r} is not an accepted image type",
+            detail={"accepted": sorted(IMAGE_CONTENT_TYPES)},
+        )
+    data = await file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(
+            f"{file.filename or 'upload'} is over the limit of {max_bytes} bytes",
+            detail={"max_bytes": max_bytes},
+        )
+    return data
+
+
+@router.post("", response_model=SearchOut, summary="Search with a text or a base64 image (JSON)")
+async def search(body: SearchBody, engine: EngineDep, settings: SettingsDep) -> SearchOut:
+    image = None if body.image is None else _decode_b64(body.image, settings.limits.max_upload_bytes)
+    req = SearchRequest(
+        collection=body.collection,
+        text=body.text,
+        image=image,
+        target=body.target,
+        k=body.k,
+        candidates=body.candidates,
+        rerank=body.rerank,
+        fusion=body.fusion,
+        min_match=body.min_match,
+        include_itc=body.include_itc,
+    )
+    return SearchOut.model_validate(await engine.search(req))
+
+
+@router.post("/image", response_model=SearchOut, summary="Search with an uploaded image (multipart)")
+async def search_image(
+    engine: EngineDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="The query image.")],
+    collection: Annotated[str, Form(min_length=1, max_length=128)],
+    k: Annotated[int, Form(ge=1)] = 10,
+    candidates: Annotated[int | None, Form(ge=1)] = None,
+    rerank: Annotated[bool | None, Form()] = None,
+    fusion: Annotated[Fusion, Form()] = "itm",
+    min_match: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
+    target: Annotated[Modality | None, Form()] = None,
+    include_itc: Annotated[bool, Form()] = False,
+) -> SearchOut:
+    data = await read_upload(file, settings.limits.max_upload_bytes)
+    req = SearchRequest(
+        collection=collection,
+        image=data,
+        target=target,
+        k=k,
+        candidates=candidates,
+        rerank=rerank,
+        fusion=fusion,
+        min_match=min_match,
+        include_itc=include_itc,
+    )
+    return SearchOut.model_validate(await engine.search(req))

@@ -1,0 +1,104 @@
+"""Service settings (pydantic-settings). The only place in alignfuse that reads the environment.
+
+Every field can be set through ``ALIGNFUSE_<FIELD>``; nested sections use ``__``, e.g.
+``ALIGNFUSE_MODELS__RERANKER=alignfuse:scenes-albef`` or ``ALIGNFUSE_BATCHING__MAX_BATCH=1``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.base import Precision
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSettings(_Section):
+    """Which models serve the collections.
+
+    ``dual_encoder``: a spec, or None to use the dual encoder recorded in the collections' manifests (all
+    served collections must then agree). ``reranker``: a spec, ``"none"`` to serve without a cross-encoder,
+    or None to use the reranker recorded in the manifests (if any).
+    """
+
+    dual_encoder: str | None = None
+    reranker: str | None = None
+    device: str = "cpu"
+    precision: Precision = "fp32"
+    warmup: bool = True
+
+
+class BatchingSettings(_Section):
+    """Micro-batching of query encoding and rerank pairs across concurrent requests.
+
+    ``max_batch`` = 1 turns batching off (per-request execution). ``max_pairs`` bounds the pairs of one
+    cross-encoder forward (a request's candidates are never split across forwards unless they exceed it).
+    """
+
+    max_batch: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(4.0, ge=0.0, le=1000.0)
+    max_pairs: int = Field(1024, ge=1, le=65536)
+    queue_size: int = Field(256, ge=1, le=100_000)
+    max_concurrent_requests: int = Field(256, ge=1, le=100_000)
+
+
+class LimitSettings(_Section):
+    """Input limits. Violations are client errors (4xx), never 500."""
+
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_files_per_upload: int = Field(64, ge=1)
+    max_texts_per_upload: int = Field(1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=64)
+    max_text_chars: int = Field(1000, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_candidates: int = Field(512, ge=1)
+    default_candidates: int = Field(128, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    thumbnail_size: int = Field(256, ge=16, le=1024)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LimitSettings:
+        if self.default_candidates > self.max_candidates:
+            raise ValueError("default_candidates must not exceed max_candidates")
+        return self
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
+class Settings(BaseSettings):
+    """All service settings. Build with ``Settings()`` (reads ``ALIGNFUSE_*``) or explicitly in tests."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ALIGNFUSE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
+    )
+
+    collections: Path = Path("collections")
+    models: ModelSettings = ModelSettings()
+    batching: BatchingSettings = BatchingSettings()
+    limits: LimitSettings = LimitSettings()
+    server: ServerSettings = ServerSettings()
+    api_key: SecretStr | None = None
+    require_key_for_reads: bool = False
+    refresh_interval_s: float = Field(1.0, ge=0.0)
+    """How often (at most) a search checks its collection for a newly committed version."""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment (cached). The API uses the instance given to ``create_app`` instead."""
+    return Settings()

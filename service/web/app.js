@@ -1,0 +1,223 @@
+// alignfuse web page: plain JS, no build step. Talks to the REST API of the same origin.
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    collection: $("collection"), query: $("query"), form: $("search-form"), btn: $("search-btn"),
+    imageInput: $("image-input"), preview: $("query-preview"), clearImage: $("clear-image"), drop: $("drop"),
+    k: $("k"), candidates: $("candidates"), fusion: $("fusion"), target: $("target"), rerank: $("rerank"),
+    itc: $("itc-results"), itm: $("itm-results"), stats: $("stats"), timings: $("timings"),
+    summary: $("summary"), status: $("status"), models: $("models"), apiKey: $("api-key"),
+    keyRow: $("key-row"), keyToggle: $("key-toggle"),
+  };
+  let queryImage = null; // a File when searching by image
+  const blobUrls = [];
+
+  const KEY_STORE = "alignfuse.apiKey";
+  els.apiKey.value = localStorage.getItem(KEY_STORE) || "";
+  els.keyRow.hidden = !els.apiKey.value;
+  els.keyRow.addEventListener("submit", (ev) => { ev.preventDefault(); els.apiKey.dispatchEvent(new Event("change")); });
+  els.keyToggle.addEventListener("click", () => { els.keyRow.hidden = !els.keyRow.hidden; });
+  els.apiKey.addEventListener("change", () => {
+    localStorage.setItem(KEY_STORE, els.apiKey.value.trim());
+    loadCollections();
+  });
+
+  function headers(extra) {
+    const h = Object.assign({}, extra || {});
+    const key = els.apiKey.value.trim();
+    if (key) h["Authorization"] = "Bearer " + key;
+    return h;
+  }
+
+  function setStatus(text, isError) {
+    els.status.textContent = text || "";
+    els.status.classList.toggle("error", !!isError);
+  }
+
+  async function api(path, options) {
+    const resp = await fetch(path, Object.assign({}, options, { headers: headers((options || {}).headers) }));
+    let body = null;
+    try { body = await resp.json(); } catch (e) { body = null; }
+    if (!resp.ok) {
+      const err = body && body.error ? body.error : { code: String(resp.status), message: resp.statusText };
+      const e = new Error(err.message || "request failed");
+      e.code = err.code; e.status = resp.status; e.retryAfter = resp.headers.get("Retry-After");
+      throw e;
+    }
+    return body;
+  }
+
+  async function loadCollections() {
+    try {
+      const data = await api("/v1/collections");
+      const previous = els.collection.value;
+      els.collection.textContent = "";
+      for (const c of data.collections) {
+        const opt = document.createElement("option");
+        opt.value = c.name;
+        opt.textContent = `${c.name} · ${c.images} images · ${c.texts} texts`;
+        opt.disabled = !c.compatible;
+        els.collection.appendChild(opt);
+      }
+      if (previous) els.collection.value = previous;
+      const m = data.models;
+      els.models.textContent = `dual encoder ${m.dual_encoder}` + (m.reranker ? ` · reranker ${m.reranker}` : " · no reranker") + ` · ${m.device}`;
+      els.rerank.disabled = !m.reranker;
+      if (!m.reranker) els.rerank.checked = false;
+      if (!data.collections.length) setStatus("No collections yet: build one with `alignfuse build`.");
+      else setStatus("");
+    } catch (e) {
+      if (e.status === 503) { setStatus("Models are loading…"); setTimeout(loadCollections, 1000); return; }
+      setStatus(e.message, true);
+    }
+  }
+
+  function thumbUrl(collection, id) {
+    return `/v1/collections/${encodeURIComponent(collection)}/items/${id}/thumbnail?size=256`;
+  }
+
+  function setThumb(img, collection, id) {
+    const url = thumbUrl(collection, id);
+    if (!els.apiKey.value.trim()) { img.src = url; return; }
+    fetch(url, { headers: headers() }).then((r) => r.ok ? r.blob() : null).then((b) => {
+      if (!b) return;
+      const u = URL.createObjectURL(b); blobUrls.push(u); img.src = u;
+    });
+  }
+
+  function fmt(x, digits) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
+
+  function card(hit, collection, mode) {
+    const li = document.createElement("li");
+    li.className = "hit";
+    li.dataset.id = hit.id;
+    if (hit.kind === "image") {
+      const img = document.createElement("img");
+      img.className = "thumb"; img.alt = hit.caption || `image ${hit.id}`; img.loading = "lazy";
+      setThumb(img, collection, hit.id);
+      li.appendChild(img);
+    } else {
+      const t = document.createElement("div");
+      t.className = "textcard"; t.textContent = hit.caption || "";
+      li.appendChild(t);
+    }
+    const rank = document.createElement("span");
+    rank.className = "rank";
+    rank.textContent = mode === "itc" ? hit.rank_itc : hit.rank;
+    li.appendChild(rank);
+    if (mode === "itm") {
+      const d = hit.rank_itc - hit.rank;
+      const mv = document.createElement("span");
+      mv.className = "move " + (d > 0 ? "up" : d < 0 ? "down" : "same");
+      mv.textContent = d > 0 ? `↑${d}` : d < 0 ? `↓${-d}` : "=";
+      mv.title = `ITC rank ${hit.rank_itc} → reranked ${hit.rank}`;
+      li.appendChild(mv);
+    } else if (hit.itm_prob !== null && hit.rank !== hit.rank_itc) {
+      const mv = document.createElement("span");
+      mv.className = "move same";
+      mv.textContent = `→${hit.rank}`;
+      mv.title = `reranked to ${hit.rank}`;
+      li.appendChild(mv);
+    }
+    const body = document.createElement("div");
+    body.className = "body";
+    if (hit.kind === "image" && hit.caption) {
+      const c = document.createElement("div"); c.className = "caption"; c.textContent = hit.caption; body.appendChild(c);
+    }
+    const s = document.createElement("div");
+    s.className = "scores";
+    const add = (cls, text, title) => {
+      const e = document.createElement("span"); e.className = "score " + cls; e.textContent = text; e.title = title; s.appendChild(e);
+    };
+    add("itc", `cos ${fmt(hit.itc, 3)}`, "dual-encoder cosine (ITC)");
+    if (hit.itm_prob !== null) add("itm", `p ${fmt(hit.itm_prob, 3)}`, `ITM match probability (logit ${fmt(hit.itm_logit, 2)})`);
+    body.appendChild(s);
+    if (hit.rerank_failed) {
+      const f = document.createElement("div"); f.className = "flag"; f.textContent = "image unreadable: ITC score kept"; body.appendChild(f);
+    }
+    li.appendChild(body);
+    return li;
+  }
+
+  function render(data) {
+    while (blobUrls.length) URL.revokeObjectURL(blobUrls.pop());
+    els.itc.textContent = ""; els.itm.textContent = "";
+    const itcHits = data.itc_hits || data.hits;
+    for (const h of itcHits) els.itc.appendChild(card(h, data.collection, "itc"));
+    if (data.reranked) {
+      for (const h of data.hits) els.itm.appendChild(card(h, data.collection, "itm"));
+    }
+    const t = data.timings;
+    els.timings.textContent = "";
+    for (const [name, v] of [["encode", t.encode], ["ann", t.ann], ["rerank", t.rerank], ["total", t.total]]) {
+      const c = document.createElement("span");
+      c.className = "chip" + (name === "total" ? " total" : "");
+      c.innerHTML = `<span>${name}</span><b></b>`;
+      c.querySelector("b").textContent = `${fmt(v, 1)} ms`;
+      els.timings.appendChild(c);
+    }
+    els.summary.textContent = `${data.query}→${data.target} · ${data.candidates} candidates · ${data.pairs_scored} pairs scored` +
+      (data.reranked ? ` · fusion ${data.fusion}` : " · not reranked") + ` · version ${data.version}`;
+    els.stats.hidden = false;
+  }
+
+  async function search() {
+    const collection = els.collection.value;
+    if (!collection) { setStatus("Pick a collection first.", true); return; }
+    const text = els.query.value.trim();
+    if (!queryImage && !text) { setStatus("Type a query or choose an image.", true); els.query.focus(); return; }
+    const common = {
+      collection, k: Number(els.k.value) || 8, candidates: Number(els.candidates.value) || 64,
+      fusion: els.fusion.value, rerank: els.rerank.checked, include_itc: true,
+    };
+    if (els.target.value) common.target = els.target.value;
+    els.btn.disabled = true; setStatus("Searching…");
+    try {
+      let data;
+      if (queryImage) {
+        const fd = new FormData();
+        fd.append("file", queryImage, queryImage.name || "query");
+        for (const [k, v] of Object.entries(common)) fd.append(k, String(v));
+        data = await api("/v1/search/image", { method: "POST", body: fd });
+      } else {
+        data = await api("/v1/search", {
+          method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(Object.assign({ text }, common)),
+        });
+      }
+      render(data);
+      setStatus(data.hits.length ? "" : "No hits.");
+    } catch (e) {
+      const extra = e.retryAfter ? ` (retry in ${e.retryAfter} s)` : "";
+      setStatus(`${e.message}${extra}`, true);
+    } finally {
+      els.btn.disabled = false;
+    }
+  }
+
+  function useImage(file) {
+    if (!file) return;
+    queryImage = file;
+    els.preview.src = URL.createObjectURL(file);
+    els.preview.hidden = false; els.clearImage.hidden = false;
+    els.query.value = ""; els.query.placeholder = `image: ${file.name || "pasted image"}`;
+    search();
+  }
+  function clearImage() {
+    queryImage = null; els.preview.hidden = true; els.clearImage.hidden = true; els.imageInput.value = "";
+    els.query.placeholder = "Describe what you are looking for…  or drop an image here";
+  }
+
+  els.form.addEventListener("submit", (ev) => { ev.preventDefault(); if (els.query.value.trim()) clearImage(); search(); });
+  els.imageInput.addEventListener("change", () => useImage(els.imageInput.files[0]));
+  els.clearImage.addEventListener("click", clearImage);
+  els.query.addEventListener("input", () => { if (queryImage && els.query.value) clearImage(); });
+  els.collection.addEventListener("change", () => { if (els.query.value.trim() || queryImage) search(); });
+  ["dragenter", "dragover"].forEach((t) => els.drop.addEventListener(t, (e) => { e.preventDefault(); els.drop.classList.add("drag"); }));
+  ["dragleave", "drop"].forEach((t) => els.drop.addEventListener(t, (e) => { e.preventDefault(); els.drop.classList.remove("drag"); }));
+  els.drop.addEventListener("drop", (e) => { const f = e.dataTransfer.files[0]; if (f) useImage(f); });
+
+  loadCollections();
+})();

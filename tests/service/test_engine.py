@@ -1,0 +1,199 @@
+"""SearchEngine without HTTP: the four directions, rerank, fusion, min_match, feature cache vs recompute,
+unreadable candidates, adds/deletes committed atomically, and refresh of versions committed elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index import Collection, NewItem
+from models.errors import EncoderMismatchError, InvalidInputError, NotFoundError, NotReadyError
+from service.engine import SearchEngine
+from service.types import ImageUpload, SearchRequest, TextUpload
+
+from .conftest import World, make_engine, make_settings, png_bytes
+
+
+@pytest.fixture()
+def engine(world: World, root: Path) -> Iterator[SearchEngine]:
+    e = make_engine(world, make_settings(root))
+    e.load()
+    yield e
+    e.close()
+
+
+def test_text_to_image_reranks_all_candidates(engine: SearchEngine) -> None:
+    r = engine.search_sync(SearchRequest(collection="plain", text="a red circle", k=5, candidates=16, include_itc=True))
+    assert (r.query, r.target, r.reranked) == ("text", "image", True)
+    assert r.candidates == 16 and r.pairs_scored == 16
+    assert len(r.hits) == 5
+    assert all(h.kind == "image" and h.itm_prob is not None and 0 < h.itm_prob < 1 for h in r.hits)
+    # sorted by the ITM logit (ALBEF's score); ranks consistent
+    logits = [h.itm_logit for h in r.hits]
+    assert logits == sorted(logits, reverse=True)
+    assert [h.rank for h in r.hits] == [1, 2, 3, 4, 5]
+    assert [h.score for h in r.hits] == logits
+    # itc_hits: the dual encoder's own top-k, in ITC order
+    assert r.itc_hits is not None and [h.rank_itc for h in r.itc_hits] == [1, 2, 3, 4, 5]
+    itc = [h.itc for h in r.itc_hits]
+    assert itc == sorted(itc, reverse=True)
+    assert all(t >= 0 for t in (r.timings.encode, r.timings.ann, r.timings.rerank))
+    assert r.timings.total >= r.timings.encode
+
+
+def test_fusion_itm_plus_itc_and_min_match(engine: SearchEngine) -> None:
+    base = SearchRequest(collection="plain", text="two blue squares", k=16, candidates=16)
+    r = engine.search_sync(SearchRequest(**{**base.__dict__, "fusion": "itm+itc"}))
+    for h in r.hits:
+        assert h.score == pytest.approx(h.itm_logit + h.itc, abs=1e-5)
+    assert [h.score for h in r.hits] == sorted((h.score for h in r.hits), reverse=True)
+    probs = sorted(h.itm_prob for h in r.hits)
+    cut = probs[len(probs) // 2]
+    r2 = engine.search_sync(SearchRequest(**{**base.__dict__, "min_match": cut}))
+    assert r2.hits and all(h.itm_prob >= cut for h in r2.hits)
+    assert len(r2.hits) < len(r.hits)
+
+
+def test_rerank_off_is_dual_encoder_order(engine: SearchEngine) -> None:
+    r = engine.search_sync(SearchRequest(collection="plain", text="a green star", k=6, rerank=False))
+    assert not r.reranked and r.pairs_scored == 0
+    assert all(h.itm_prob is None and h.rank == h.rank_itc for h in r.hits)
+    assert [h.itc for h in r.hits] == sorted((h.itc for h in r.hits), reverse=True)
+
+
+def test_image_to_text_and_same_modality(engine: SearchEngine, world: World) -> None:
+    img = world.image_bytes(3)
+    r = engine.search_sync(SearchRequest(collection="plain", image=img, k=4, candidates=12))
+    assert (r.query, r.target, r.reranked, r.pairs_scored) == ("image", "text", True, 12)
+    assert all(h.kind == "text" and h.caption for h in r.hits)
+    ii = engine.search_sync(SearchRequest(collection="plain", image=img, target="image", k=3))
+    assert not ii.reranked and ii.hits[0].itc == pytest.approx(1.0, abs=1e-4)
+    assert ii.hits[0].uri.endswith("000003.png")
+    caption = r.hits[0].caption
+    tt = engine.search_sync(SearchRequest(collection="plain", text=caption, target="text", k=3))
+    assert not tt.reranked and tt.hits[0].caption == caption and tt.hits[0].itc == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(InvalidInputError):
+        engine.search_sync(SearchRequest(collection="plain", text="x", target="text", rerank=True))
+
+
+def test_feature_cache_and_recomputed_states_score_alike(engine: SearchEngine) -> None:
+    q = SearchRequest(collection="scenes", text="a small yellow cross", k=8, candidates=24)
+    cached = engine.search_sync(q)
+    recomputed = engine.search_sync(SearchRequest(**{**q.__dict__, "collection": "plain"}))
+    assert [h.uri for h in cached.hits] == [h.uri for h in recomputed.hits]
+    np.testing.assert_allclose([h.itm_logit for h in cached.hits], [h.itm_logit for h in recomputed.hits], atol=1e-4)
+    again = engine.search_sync(SearchRequest(**{**q.__dict__, "collection": "plain"}))  # memory LRU now
+    np.testing.assert_allclose([h.itm_logit for h in again.hits], [h.itm_logit for h in recomputed.hits], atol=1e-5)
+    text = engine.metrics.registry.get_sample_value
+    assert text("alignfuse_rerank_image_states_total", {"source": "feature_cache"}) >= 24
+    assert text("alignfuse_rerank_image_states_total", {"source": "recomputed"}) >= 24
+    assert text("alignfuse_rerank_image_states_total", {"source": "memory"}) >= 24
+
+
+def test_unreadable_candidate_falls_back_to_itc_and_is_flagged(engine: SearchEngine, world: World, root: Path) -> None:
+    coll = Collection.open(root / "plain")
+    victim = coll.list(kind="image", limit=1)[0]
+    coll.close()
+    # the stored image disappears (and is not in the memory cache yet)
+    moved = Path(victim.uri).with_suffix(".gone")
+    Path(victim.uri).rename(moved)
+    try:
+        r = engine.search_sync(SearchRequest(collection="plain", text="anything", k=64, candidates=64))
+    finally:
+        moved.rename(victim.uri)
+    flagged = [h for h in r.hits if h.rerank_failed]
+    assert [h.id for h in flagged] == [victim.id]
+    assert flagged[0].itm_prob is None and flagged[0].score == pytest.approx(flagged[0].itc)
+    assert r.pairs_scored == r.candidates - 1
+    assert all(h.itm_prob is not None for h in r.hits if not h.rerank_failed)
+
+
+def test_add_and_delete_are_committed_and_searchable(engine: SearchEngine) -> None:
+    before = engine.collection_info("plain")
+    img = png_bytes((50, 40), (10, 200, 90))
+    res = asyncio.run(engine.add_images("plain", [ImageUpload(img, "green.png", "a green block", {"src": "t"})]))
+    assert res.added == 1 and res.version == before.version + 1
+    new_id = res.ids[0]
+    hit = engine.search_sync(SearchRequest(collection="plain", image=img, target="image", k=1)).hits[0]
+    assert hit.id == new_id and hit.caption == "a green block" and hit.metadata["src"] == "t"
+    assert engine.thumbnail("plain", new_id)[:2] == b"\xff\xd8"
+    # the same bytes again: no new item, the existing id
+    dup = asyncio.run(engine.add_images("plain", [ImageUpload(img)]))
+    assert (dup.added, dup.duplicates, dup.ids) == (0, 1, [new_id])
+    t = asyncio.run(engine.add_texts("plain", [TextUpload("a sentence nobody wrote before"), TextUpload("another one")]))
+    assert t.added == 2 and t.version == res.version + 1
+    tt = engine.search_sync(SearchRequest(collection="plain", text="another one", target="text", k=1))
+    assert tt.hits[0].id == t.ids[1]
+    d = asyncio.run(engine.delete_item("plain", new_id))
+    assert d.version == t.version + 1
+    after = engine.search_sync(SearchRequest(collection="plain", image=img, target="image", k=3))
+    assert new_id not in [h.id for h in after.hits]
+    with pytest.raises(NotFoundError):
+        engine.get_item("plain", new_id)
+    with pytest.raises(NotFoundError):
+        asyncio.run(engine.delete_item("plain", new_id))
+
+
+def test_feature_cache_collection_gets_tokens_for_uploads(engine: SearchEngine) -> None:
+    img = png_bytes((30, 30), (250, 250, 0))
+    res = asyncio.run(engine.add_images("scenes", [ImageUpload(img, "y.png")]))
+    coll = Collection.open(engine.root / "scenes")
+    try:
+        assert coll.features is not None and res.ids[0] in coll.features
+    finally:
+        coll.close()
+
+
+def test_picks_up_versions_committed_by_another_writer(engine: SearchEngine, world: World, root: Path) -> None:
+    v0 = engine.search_sync(SearchRequest(collection="plain", text="x", k=1)).version
+    coll = Collection.open(root / "plain", encoder=world.dual.info)
+    vec = world.dual.encode_texts(["a text committed by another process"])
+    with coll.writer() as w:
+        (new_id,) = w.add([NewItem(kind="text", uri="text:ext", sha256="e" * 64, text="a text committed by another process")], vec)
+        w.commit()
+    coll.close()
+    r = engine.search_sync(SearchRequest(collection="plain", text="a text committed by another process", target="text", k=1))
+    assert r.version == v0 + 1 and r.hits[0].id == int(new_id)
+
+
+def test_validation_and_lookup_errors(engine: SearchEngine) -> None:
+    bad = [
+        SearchRequest(collection="plain"),
+        SearchRequest(collection="plain", text="x", image=b"y"),
+        SearchRequest(collection="plain", text="   "),
+        SearchRequest(collection="plain", text="x" * 1001),
+        SearchRequest(collection="plain", text="x", k=0),
+        SearchRequest(collection="plain", text="x", k=101),
+        SearchRequest(collection="plain", text="x", candidates=513),
+        SearchRequest(collection="plain", text="x", min_match=1.5),
+    ]
+    for req in bad:
+        with pytest.raises(InvalidInputError):
+            engine.search_sync(req)
+    with pytest.raises(NotFoundError):
+        engine.search_sync(SearchRequest(collection="nope", text="x"))
+    with pytest.raises(NotFoundError):
+        engine.search_sync(SearchRequest(collection="../plain", text="x"))
+    with pytest.raises(EncoderMismatchError):
+        engine.search_sync(SearchRequest(collection="foreign", text="x"))
+    infos = {c.name: c for c in engine.list_collections()}
+    assert infos["foreign"].compatible is False and infos["plain"].compatible is True
+    assert infos["scenes"].feature_cache and not infos["plain"].feature_cache
+
+
+def test_not_ready_until_loaded_and_specs_from_manifests(world: World, root: Path) -> None:
+    settings = make_settings(root, models={"dual_encoder": None, "reranker": "none"})
+    e = SearchEngine(settings)
+    with pytest.raises(NotReadyError):
+        e.search_sync(SearchRequest(collection="plain", text="x"))
+    dual, rr = e._pick_specs()
+    assert dual == "alignfuse:random-tiny"  # two collections use it, one ("foreign") albef:tiny
+    assert rr is None  # "none" switches reranking off
+    e.close()
+    e2 = SearchEngine(make_settings(root, models={"dual_encoder": None, "reranker": None}))
+    assert e2._pick_specs() == ("alignfuse:random-tiny", "albef:tiny")  # "scenes" records its reranker
+    e2.close()

@@ -1,0 +1,159 @@
+"""The synthetic scenes world: determinism, captions agree with the pixels, held-out pairs, perturbations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.scenes import (
+    COLOURS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    SceneObject,
+    SceneSpec,
+    caption_matches,
+    caption_scene,
+    claim_holds,
+    generate_scenes,
+    parse_caption,
+    perturb_caption,
+    relation_holds,
+    render_scene,
+    sample_scene,
+    sample_scenes,
+)
+from models.errors import InvalidInputError
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
+    a = generate_scenes(tmp_path / "a", seed=7, count=12, split="train", size=64)
+    b = generate_scenes(tmp_path / "b", seed=7, count=12, split="train", size=64)
+    assert _digest(a.parent) == _digest(b.parent)
+    c = generate_scenes(tmp_path / "c", seed=8, count=12, split="train", size=64)
+    assert _digest(a.parent) != _digest(c.parent)
+    d = generate_scenes(tmp_path / "d", seed=7, count=12, split="val", size=64)
+    assert json.loads(a.read_text()) != json.loads(d.read_text())
+
+
+def test_json_is_karpathy_style_with_groups(tmp_path: Path) -> None:
+    path = generate_scenes(tmp_path, seed=1, count=20, split="test", size=64)
+    entries = json.loads(path.read_text())
+    assert len(entries) == 20
+    for e in entries:
+        assert (tmp_path / e["image"]).is_file()
+        assert e["image"].startswith("images/") and e["image"].endswith(".png")
+        assert len(e["caption"]) == 5 and all(isinstance(c, str) and c for c in e["caption"])
+        assert isinstance(e["group"], int)
+        assert 1 <= len(e["objects"]) <= 3
+    groups: dict[int, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(e["group"], []).append(e)
+    multi = [g for g in groups.values() if len(g) > 1]
+    assert multi, "scenes come in groups of hard negatives"
+    for members in multi:
+        bags = {tuple(sorted((o["colour"], o["size"]) for o in m["objects"])) for m in members}
+        shapes = {tuple(sorted(o["shape"] for o in m["objects"])) for m in members}
+        assert len(shapes) == 1, "group members share their shapes"
+        if len(members[0]["objects"]) > 1:
+            assert len(bags) == 1, "group members share one bag of attributes (bound differently)"
+        assert len({json.dumps(m["objects"]) for m in members}) == len(members)
+
+
+def _centroid(arr: np.ndarray, colour: tuple[int, int, int]) -> tuple[float, float, int]:
+    dist = np.abs(arr.astype(np.int32) - np.array(colour)[None, None, :]).sum(axis=2)
+    ys, xs = np.nonzero(dist < 40)
+    return (float(xs.mean()) if len(xs) else -1.0, float(ys.mean()) if len(ys) else -1.0, len(xs))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_captions_agree_with_pixels(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    size = 96
+    checked_relations = 0
+    for _ in range(25):
+        spec = sample_scene(rng, "train")
+        img = np.asarray(render_scene(spec, size))
+        assert img.shape == (size, size, 3)
+        for obj in spec.objects:  # every object's colour is drawn at its centre
+            px = img[int(obj.y * size), int(obj.x * size)].astype(int)
+            assert np.abs(px - np.array(COLOURS[obj.colour])).sum() < 40, (obj, px)
+        captions = caption_scene(spec, rng)
+        assert len(captions) == 5
+        for cap in captions:
+            claim = parse_caption(cap)
+            assert claim.mentions, cap
+            assert claim_holds(claim, spec.objects), cap
+            for m in claim.mentions:  # the mentioned colour is in the picture
+                assert _centroid(img, COLOURS[m.colour])[2] > 20, (cap, m)
+            if claim.relation is not None and claim.mentions[0].colour != claim.mentions[1].colour:
+                a = [o for o in spec.objects if o.colour == claim.mentions[0].colour]
+                b = [o for o in spec.objects if o.colour == claim.mentions[1].colour]
+                if len(a) == 1 and len(b) == 1 and len({o.colour for o in spec.objects}) == len(spec.objects):
+                    # relation measured in pixels: centroids of the two colours
+                    xa, ya, _ = _centroid(img, COLOURS[a[0].colour])
+                    xb, yb, _ = _centroid(img, COLOURS[b[0].colour])
+                    pa = SceneObject("circle", "red", "small", xa / size, ya / size, 0.1)
+                    pb = SceneObject("circle", "red", "small", xb / size, yb / size, 0.1)
+                    assert relation_holds(pa, pb, claim.relation), (cap, (xa, ya), (xb, yb))
+                    checked_relations += 1
+    assert checked_relations > 5
+
+
+def test_compositional_split_has_only_held_out_pairs_and_train_none() -> None:
+    train = sample_scenes(3, 400, "train") + sample_scenes(3, 200, "val") + sample_scenes(3, 200, "test")
+    train_pairs = {(o.colour, o.shape) for s in train for o in s.objects}
+    assert not train_pairs & HELD_OUT_PAIRS
+    assert len(train_pairs) == len(COLOURS) * len(SHAPES) - len(HELD_OUT_PAIRS)
+    comp = sample_scenes(3, 200, "compositional")
+    assert all(any((o.colour, o.shape) in HELD_OUT_PAIRS for o in s.objects) for s in comp)
+    comp_pairs = {(o.colour, o.shape) for s in comp for o in s.objects}
+    assert comp_pairs & HELD_OUT_PAIRS == HELD_OUT_PAIRS
+
+
+def test_perturbed_captions_are_false_and_minimal() -> None:
+    rng = np.random.default_rng(5)
+    made = 0
+    for spec in sample_scenes(4, 80, "train"):
+        for cap in caption_scene(spec, rng):
+            neg = perturb_caption(cap, spec.objects, rng)
+            if neg is None:
+                continue
+            made += 1
+            assert not caption_matches(neg, spec.objects), (cap, neg)
+            assert len(neg.split()) == len(cap.split())
+            diff = sum(a != b for a, b in zip(cap.split(), neg.split(), strict=True))
+            assert 1 <= diff <= 4, (cap, neg)  # a word swap/replacement (+ their articles)
+    assert made > 200
+
+
+def test_relation_swap_is_a_negative() -> None:
+    a = SceneObject("circle", "red", "large", 0.25, 0.5, 0.15)
+    b = SceneObject("square", "blue", "small", 0.75, 0.5, 0.1)
+    assert caption_matches("a red circle left of a blue square", [a, b])
+    assert caption_matches("a blue square to the right of a red circle", [a, b])
+    assert not caption_matches("a red circle right of a blue square", [a, b])
+    assert not caption_matches("a blue circle left of a red square", [a, b])
+    assert not caption_matches("two red circles", [a, b])
+    assert caption_matches("a large red circle and a small blue square", [a, b])
+    assert not caption_matches("a small red circle and a small blue square", [a, b])
+
+
+def test_render_is_pure_and_validates() -> None:
+    spec = SceneSpec((SceneObject("star", "yellow", "large", 0.5, 0.5, 0.2),), (120, 120, 120), 3)
+    assert render_scene(spec, 64).tobytes() == render_scene(spec, 64).tobytes()
+    with pytest.raises(InvalidInputError):
+        render_scene(spec, 8)
+    with pytest.raises(InvalidInputError):
+        sample_scenes(0, 5, "nope")
