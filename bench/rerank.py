@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,8 +64,8 @@ def build_reference(model: AlbefModel) -> Callable[[torch.Tensor, torch.Tensor, 
 
     cfg = model.config
 
-    def hf_config(**kw: object) -> BertConfig:
-        return BertConfig(
+    def hf_config(**kw: Any) -> BertConfig:
+        return BertConfig(  # type: ignore[call-arg]
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
             num_attention_heads=cfg.num_attention_heads,
@@ -79,15 +80,14 @@ def build_reference(model: AlbefModel) -> Callable[[torch.Tensor, torch.Tensor, 
         )
 
     emb = BertEmbeddings(hf_config())
-    layers = torch.nn.ModuleList()
+    layers: list[torch.nn.Module] = []
     for i in range(cfg.num_hidden_layers):
         fusion = i >= cfg.fusion_layer
         layer = BertLayer(hf_config(is_decoder=fusion, add_cross_attention=fusion))
-        layer.attention.self.is_causal = (
-            False  # bidirectional (the decoder flag only enables cross-attention)
-        )
+        # bidirectional: the decoder flag is only how transformers 5 enables cross-attention
+        layer.attention.self.is_causal = False
         layers.append(layer)
-    ref = torch.nn.ModuleDict({"embeddings": emb, "layer": layers})
+    ref = torch.nn.ModuleDict({"embeddings": emb, "layer": torch.nn.ModuleList(layers)})
     ours = model.text_encoder.state_dict()
     missing, unexpected = ref.load_state_dict(
         {k.replace("encoder.layer.", "layer."): v for k, v in ours.items()}, strict=False
@@ -102,7 +102,7 @@ def build_reference(model: AlbefModel) -> Callable[[torch.Tensor, torch.Tensor, 
         ids, mask = ids.expand(c, -1), mask.expand(c, -1)  # every pair runs the whole stack
         x = ref["embeddings"](input_ids=ids, token_type_ids=torch.zeros_like(ids))
         bias = attention_bias(mask, x.dtype)
-        for i, layer in enumerate(ref["layer"]):
+        for i, layer in enumerate(layers):
             if i >= cfg.fusion_layer:
                 x = layer(x, attention_mask=bias, encoder_hidden_states=tokens)
             else:

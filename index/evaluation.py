@@ -146,13 +146,29 @@ def ranking(row: np.ndarray) -> np.ndarray:
 
 
 def topk_indices(scores: np.ndarray, k: int, *, chunk: int = 512) -> np.ndarray:
-    """Per row, the first ``k`` indices of :func:`ranking` (int64 [n, min(k, m)])."""
+    """Per row, the first ``k`` indices of :func:`ranking` (int64 [n, min(k, m)]).
+
+    ``np.argpartition`` selects the k largest; a row where the k-th value is tied with a value left outside
+    falls back to the full stable sort, so the result is exactly ``ranking(row)[:k]``."""
     s = np.asarray(scores)
-    k = min(k, s.shape[1])
-    out = np.empty((s.shape[0], k), dtype=np.int64)
-    for a in range(0, s.shape[0], chunk):
-        order = np.argsort(s[a : a + chunk], axis=1, kind="stable")[:, ::-1]
-        out[a : a + chunk] = order[:, :k]
+    n, m = s.shape
+    k = min(k, m)
+    out = np.empty((n, k), dtype=np.int64)
+    if k == 0:
+        return out
+    for a in range(0, n, chunk):
+        block = s[a : a + chunk]
+        if k >= m:
+            out[a : a + chunk] = np.argsort(block, axis=1, kind="stable")[:, ::-1][:, :k]
+            continue
+        part = np.argpartition(block, m - k, axis=1)[:, m - k :]
+        vals = np.take_along_axis(block, part, axis=1)
+        thr = vals.min(axis=1, keepdims=True)
+        ambiguous = (block == thr).sum(axis=1) != (vals == thr).sum(axis=1)
+        order = np.lexsort((-part, -vals), axis=-1)  # value descending, then index descending
+        out[a : a + chunk] = np.take_along_axis(part, order, axis=1)
+        for r in np.nonzero(ambiguous)[0]:
+            out[a + r] = ranking(block[r])[:k]
     return out
 
 

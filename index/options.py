@@ -36,7 +36,7 @@ class IndexOptions:
     hnsw_ef_search: int = 128
     hnsw_ef_construction: int = 80
     ivf_nprobe: int = 32
-    refine_k_factor: float = 4.0
+    refine_k_factor: float = 10.0
     train_sample: int = 200_000
     seed: int = 1234
 

@@ -125,6 +125,8 @@ class TrainOptions:
     eval_rerank_k: int = 8
     eval_max_images: int = 500
     grad_clip: float = 5.0
+    #: with ``max_minutes``: anneal the learning rate over the time budget (progress = max(step, time) share)
+    time_schedule: bool = False
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -249,12 +251,18 @@ class AlbefArch(_Arch):
     @torch.no_grad()
     def itm(self, data: PairData, pairs: Sequence[tuple[int, str]]) -> torch.Tensor | None:
         m = self.model
+        uniq = sorted({i for i, _ in pairs})
+        where = {img: r for r, img in enumerate(uniq)}
+        tokens = torch.cat(
+            [m.image_tokens(data.pixels(uniq[s : s + 128]).to(self.device)) for s in range(0, len(uniq), 128)]
+        ) if uniq else None
         out = []
         for s in range(0, len(pairs), 256):
             chunk = pairs[s : s + 256]
             ids, mask = self._tokens([t for _, t in chunk])
             ids, mask = ids.to(self.device), mask.to(self.device)
-            tok = m.image_tokens(data.pixels([i for i, _ in chunk]).to(self.device))
+            assert tokens is not None
+            tok = tokens[torch.tensor([where[i] for i, _ in chunk], device=tokens.device)]
             logits = m.itm_logits(m.text_states(ids, mask), mask, tok).float()
             out.append((logits[:, 1] - logits[:, 0]).cpu())
         return torch.cat(out) if out else torch.zeros(0)
@@ -469,6 +477,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0  # optimizer steps done
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    elapsed_s: float = 0.0  # training wall time over all sessions (time-based schedule)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -523,6 +532,7 @@ class Trainer:
             self.optimizer, cosine_lambda(self.total_steps, opts.warmup_steps, opts.lr, opts.min_lr)
         )
         self.state = TrainState()
+        self._session_start = time.monotonic()
         self.log_path = self.out / "train_log.jsonl"
 
     # ----------------------------------------------------------- checkpoints
@@ -540,6 +550,7 @@ class Trainer:
             "epoch": self.state.epoch,
             "step": self.state.step,
             "batch_in_epoch": self.state.batch_in_epoch,
+            "elapsed_s": self.state.elapsed_s + (time.monotonic() - self._session_start),
             "history": json.dumps(self.state.history),
             "options": json.dumps(asdict(self.opts)),
             "rng": {
@@ -567,8 +578,13 @@ class Trainer:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["lr_scheduler"])
         self.state = TrainState(
-            int(blob["epoch"]), int(blob["step"]), int(blob["batch_in_epoch"]), json.loads(blob["history"])
+            int(blob["epoch"]),
+            int(blob["step"]),
+            int(blob["batch_in_epoch"]),
+            json.loads(blob["history"]),
+            float(blob.get("elapsed_s", 0.0)),
         )
+        self._session_start = time.monotonic()
         torch.set_rng_state(blob["rng"]["torch"])
         st = json.loads(blob["rng"]["numpy"])
         np.random.set_state(st)
@@ -590,6 +606,7 @@ class Trainer:
         model = self.arch.model
         model.train()
         start = time.monotonic()
+        self._session_start = start
         steps_here = 0
         t_last, n_last = time.monotonic(), 0
         stop = False
@@ -614,6 +631,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
+                if opts.time_schedule and opts.max_minutes:
+                    self._time_lr(self.state.elapsed_s + time.monotonic() - start)
                 self.optimizer.zero_grad(set_to_none=True)
                 accum = 0
                 self.state.step += 1
@@ -636,7 +655,7 @@ class Trainer:
                 if max_steps is not None and steps_here >= max_steps:
                     stop = True
                     break
-                if opts.max_minutes is not None and (now - start) / 60 >= opts.max_minutes:
+                if opts.max_minutes is not None and (self.state.elapsed_s + now - start) / 60 >= opts.max_minutes:
                     log.info("time budget of %.1f min reached at step %d", opts.max_minutes, self.state.step)
                     stop = True
                     break
@@ -647,6 +666,19 @@ class Trainer:
         if stop and self.state.batch_in_epoch:
             self.save_checkpoint()
         return self.state
+
+    def _time_lr(self, elapsed: float) -> None:
+        opts = self.opts
+        assert opts.max_minutes
+        budget = opts.max_minutes * 60
+        frac = min(1.0, max(elapsed / budget, self.state.step / max(1, self.total_steps)))
+        floor = opts.min_lr / opts.lr
+        if self.state.step < opts.warmup_steps:
+            f = (self.state.step + 1) / opts.warmup_steps
+        else:
+            f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in self.optimizer.param_groups:
+            g["lr"] = opts.lr * f
 
     def end_of_epoch(self) -> None:
         rec: dict[str, Any] = {"epoch_done": self.state.epoch, "step": self.state.step}

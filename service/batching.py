@@ -75,8 +75,13 @@ class DeviceWorker:
         config: BatchConfig,
         *,
         on_batch: Callable[[BatchEvent], None] | None = None,
+        incoming: Callable[[], int] | None = None,
     ) -> None:
+        """``incoming``: how many tasks are known to be on their way (requests that will submit soon); the
+        worker waits up to ``max_wait`` for more tasks only while this is positive, so a lone request never
+        pays the wait. None: always wait up to ``max_wait`` for a batch to fill."""
         self.name = name
+        self._incoming = incoming
         self._handlers = dict(handlers)
         self.config = config
         self._on_batch = on_batch
@@ -137,7 +142,12 @@ class DeviceWorker:
 
     async def run(self, kind: str, payload: Any, *, cost: int = 1, timeout: float | None = None) -> Any:
         """Submit and await the result; on timeout the task is cancelled and RequestTimeoutError raised."""
-        future = self.submit(kind, payload, cost)
+        return await self.wait(self.submit(kind, payload, cost), kind, timeout)
+
+    async def wait(
+        self, future: concurrent.futures.Future[Any], kind: str = "task", timeout: float | None = None
+    ) -> Any:
+        """Await a submitted task's result (cancelling it on timeout or when the caller is cancelled)."""
         wrapped = asyncio.wrap_future(future)
         try:
             return await asyncio.wait_for(wrapped, timeout)
@@ -197,7 +207,7 @@ class DeviceWorker:
                 if full() or self._stopping:
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (self._incoming is not None and self._incoming() <= 0):
                     break
                 if not taken:
                     self._cond.wait(remaining)

@@ -295,6 +295,7 @@ class SearchEngine:
         self._thumbs: OrderedDict[tuple[str, int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self._inflight = 0
+        self._coming: dict[str, int] = {"dual": 0, "cross": 0}
         self._inflight_lock = threading.Lock()
         self._ready = threading.Event()
         self.load_error: AlignfuseError | None = None
@@ -306,7 +307,7 @@ class SearchEngine:
         return self._ready.is_set()
 
     def _manifests(self) -> list[tuple[str, Manifest]]:
-        out = []
+        out: list[tuple[str, Manifest]] = []
         if not self.root.is_dir():
             return out
         for p in sorted(self.root.iterdir()):
@@ -384,7 +385,11 @@ class SearchEngine:
         )
         dh = _DualHandlers(self.dual)
         self._dual_worker = DeviceWorker(
-            "dual", {"texts": dh.texts, "images": dh.images}, cfg, on_batch=self.metrics.on_batch
+            "dual",
+            {"texts": dh.texts, "images": dh.images},
+            cfg,
+            on_batch=self.metrics.on_batch,
+            incoming=lambda: self._coming["dual"],
         )
         self._dual_worker.start()
         self.metrics.track_queue("dual", lambda: float(self._dual_worker.depth if self._dual_worker else 0))
@@ -392,7 +397,11 @@ class SearchEngine:
             ch = _CrossHandlers(self.cross, b.max_pairs)
             ccfg = replace(cfg, max_cost={"rerank": b.max_pairs, "tokens": _BULK_CHUNK})
             self._cross_worker = DeviceWorker(
-                "cross", {"rerank": ch.rerank, "tokens": ch.tokens}, ccfg, on_batch=self.metrics.on_batch
+                "cross",
+                {"rerank": ch.rerank, "tokens": ch.tokens},
+                ccfg,
+                on_batch=self.metrics.on_batch,
+                incoming=lambda: self._coming["cross"],
             )
             self._cross_worker.start()
             self.metrics.track_queue(
@@ -657,6 +666,25 @@ class SearchEngine:
         return asyncio.run(self.search(req))
 
     async def _search(self, req: SearchRequest, plan: tuple[Modality, Modality, int, bool]) -> SearchResponse:
+        # ``_coming`` tells each worker how many requests are about to submit to it, so it waits for a
+        # fuller batch only when one is actually on its way
+        coming = {"dual": 1, "cross": 1 if plan[3] else 0}
+        self._coming["dual"] += coming["dual"]
+        self._coming["cross"] += coming["cross"]
+
+        def submitted(worker: str) -> None:
+            self._coming[worker] -= coming[worker]
+            coming[worker] = 0
+
+        try:
+            return await self._search_stages(req, plan, submitted)
+        finally:
+            submitted("dual")
+            submitted("cross")
+
+    async def _search_stages(
+        self, req: SearchRequest, plan: tuple[Modality, Modality, int, bool], submitted: Callable[[str], None]
+    ) -> SearchResponse:
         t0 = time.perf_counter()
         query, target, n_cand, rerank = plan
         assert self._dual_worker is not None and self.dual is not None
@@ -665,7 +693,7 @@ class SearchEngine:
         # 1. encode the query (micro-batched on the dual worker)
         query_img: Image.Image | None = None
         if req.text is not None:
-            vec = (await self._dual_worker.run("texts", [req.text])).reshape(-1)
+            fut = self._dual_worker.submit("texts", [req.text])
         else:
             assert req.image is not None
             lim = self.settings.limits
@@ -677,7 +705,9 @@ class SearchEngine:
                 what="query image",
             )
             pixels = await self._io(lambda: self.dual.image_transform(query_img).unsqueeze(0))  # type: ignore[union-attr]
-            vec = (await self._dual_worker.run("images", pixels)).reshape(-1)
+            fut = self._dual_worker.submit("images", pixels)
+        submitted("dual")
+        vec = (await self._dual_worker.wait(fut, "encode")).reshape(-1)
         t1 = time.perf_counter()
         # 2. candidates from the ANN index, joined with their items
         fetch = n_cand if rerank else req.k
@@ -701,7 +731,9 @@ class SearchEngine:
                 assert query_img is not None
                 job, order, failed = await self._io(self._i2t_job, items, query_img)
             if job is not None:
-                out: RerankOut = await self._cross_worker.run("rerank", job, cost=job.n_pairs)
+                rfut = self._cross_worker.submit("rerank", job, cost=job.n_pairs)
+                submitted("cross")
+                out: RerankOut = await self._cross_worker.wait(rfut, "rerank")
                 logit[order] = out.logit
                 prob[order] = out.prob
                 pairs_scored = job.n_pairs
@@ -710,6 +742,7 @@ class SearchEngine:
             self.metrics.pairs_scored.inc(pairs_scored)
             if failed.any():
                 self.metrics.rerank_failed.inc(int(failed.sum()))
+        submitted("cross")
         t3 = time.perf_counter()
         hits, itc_hits = self._rank(req, items, itc, logit, prob, failed, reranked=rerank and n > 0)
         t4 = time.perf_counter()

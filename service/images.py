@@ -72,8 +72,8 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str = "ima
     check_pixels(img, max_pixels, what)
     try:
         img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return img.convert("RGB")
+        upright: Image.Image = ImageOps.exif_transpose(img) or img
+        return upright.convert("RGB")
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{what} is too large: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:

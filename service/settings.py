@@ -42,27 +42,27 @@ class BatchingSettings(_Section):
     cross-encoder forward (a request's candidates are never split across forwards unless they exceed it).
     """
 
-    max_batch: int = Field(32, ge=1, le=4096)
-    max_wait_ms: float = Field(4.0, ge=0.0, le=1000.0)
-    max_pairs: int = Field(1024, ge=1, le=65536)
-    queue_size: int = Field(256, ge=1, le=100_000)
-    max_concurrent_requests: int = Field(256, ge=1, le=100_000)
+    max_batch: int = Field(default=32, ge=1, le=4096)
+    max_wait_ms: float = Field(default=4.0, ge=0.0, le=1000.0)
+    max_pairs: int = Field(default=1024, ge=1, le=65536)
+    queue_size: int = Field(default=256, ge=1, le=100_000)
+    max_concurrent_requests: int = Field(default=256, ge=1, le=100_000)
 
 
 class LimitSettings(_Section):
     """Input limits. Violations are client errors (4xx), never 500."""
 
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_files_per_upload: int = Field(64, ge=1)
-    max_texts_per_upload: int = Field(1024, ge=1)
-    max_pixels: int = Field(40_000_000, ge=64)
-    max_text_chars: int = Field(1000, ge=1)
-    max_k: int = Field(100, ge=1)
-    max_candidates: int = Field(512, ge=1)
-    default_candidates: int = Field(128, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0.0)
-    thumbnail_size: int = Field(256, ge=16, le=1024)
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_files_per_upload: int = Field(default=64, ge=1)
+    max_texts_per_upload: int = Field(default=1024, ge=1)
+    max_pixels: int = Field(default=40_000_000, ge=64)
+    max_text_chars: int = Field(default=1000, ge=1)
+    max_k: int = Field(default=100, ge=1)
+    max_candidates: int = Field(default=512, ge=1)
+    default_candidates: int = Field(default=128, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0.0)
+    thumbnail_size: int = Field(default=256, ge=16, le=1024)
 
     @model_validator(mode="after")
     def _consistent(self) -> LimitSettings:
@@ -73,7 +73,7 @@ class LimitSettings(_Section):
 
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
 
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     api_key: SecretStr | None = None
     require_key_for_reads: bool = False
-    refresh_interval_s: float = Field(1.0, ge=0.0)
+    refresh_interval_s: float = Field(default=1.0, ge=0.0)
     """How often (at most) a search checks its collection for a newly committed version."""
 
 

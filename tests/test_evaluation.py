@@ -52,7 +52,7 @@ def brute_recall(
         order = list(np.argsort(row, kind="stable")[::-1])
         ir.append(order.index(txt2img[t]))
 
-    def pct(ranks: list[float], k: int) -> float:
+    def pct(ranks: Sequence[float], k: int) -> float:
         return 100.0 * sum(1 for r in ranks if r < k) / len(ranks)
 
     vals = {
@@ -77,7 +77,7 @@ def assert_recall_equal(got: object, want: dict[str, float]) -> None:
         assert g[k] == pytest.approx(v, abs=1e-9), (k, g, want)
 
 
-def gt_from_counts(counts: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+def gt_from_counts(counts: Sequence[int] | np.ndarray) -> tuple[list[list[int]], list[int]]:
     img2txt: list[list[int]] = []
     txt2img: list[int] = []
     for i, c in enumerate(counts):
@@ -122,6 +122,8 @@ def test_ties_rank_higher_index_first() -> None:
     assert rec.ir_r1 == pytest.approx(100 * 2 / 6)
     assert list(ranks_of(s.T, np.arange(6), np.array(txt2img))) == [2, 2, 1, 1, 0, 0]
     assert list(ranking(np.zeros(4))) == [3, 2, 1, 0]
+    row = np.array([[1.0, 2.0, 2.0, 2.0, 0.0]])  # a tie straddling the top-2 boundary
+    assert topk_indices(row, 2).tolist() == [[3, 2]] and topk_indices(row, 9).tolist() == [[3, 2, 1, 0, 4]]
     assert_recall_equal(rec, brute_recall(s, img2txt, txt2img))
 
 
@@ -445,6 +447,7 @@ def _run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
         (["--batch-size", "0"], "--batch-size"),
         (["--limit", "0"], "--limit"),
         (["--device", "tpu"], "--device"),
+        (["--precision", "int3"], "--precision"),
     ],
 )
 def test_cli_bad_arguments(

@@ -181,6 +181,14 @@ class AlbefDualEncoder(_AlbefBase):
         return emb.float().cpu().numpy()
 
     @torch.inference_mode()
+    def encode_images_with_tokens(self, pixels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """One ViT pass → (ITC embeddings [n, E] float32, vision tokens [n, L, Dv] fp16 on the CPU): what an
+        index build needs when the same ALBEF model also reranks (tokens feed the feature cache)."""
+        tokens = self.model.image_tokens(self._pixels(pixels))
+        emb = self.model.image_embed(tokens).float().cpu().numpy()
+        return emb, tokens.to("cpu", torch.float16)
+
+    @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, str):
             raise InvalidInputError("encode_texts takes a list of strings, not one string")
@@ -194,8 +202,12 @@ class AlbefDualEncoder(_AlbefBase):
 class AlbefCrossEncoder(_AlbefBase):
     """Stage 2: ALBEF's ITM head. ``score`` returns the logit of class 1 ("match") and its softmax prob.
 
-    ``kv_cache=True``: :meth:`image_states` also computes the fusion layers' cross-attention K/V of each
-    image (``ImageStates.kv``), so scoring a new text against cached images skips ~70% of the FLOPs.
+    ``kv_cache=True``: :meth:`image_states` / :meth:`image_states_from_tokens` also compute the fusion
+    layers' cross-attention K/V of each image (``ImageStates.kv``, ~21 MB fp32 per base-size image), so every
+    later ``score`` against those states skips ~70% of the fusion FLOPs. Worth it only when the same
+    ImageStates are scored against several texts; for one text per set of states leave it off (the
+    default): without a cache, ``score`` works from the tokens directly (see
+    ``BertSelfAttention.cross_attention_folded``).
     ``max_pairs`` bounds one forward's batch (longer candidate lists run in chunks of that size)."""
 
     def __init__(

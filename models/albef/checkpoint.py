@@ -103,7 +103,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[Mapping[str, Any], bool]:
         except Exception as exc:
             raise CheckpointError(f"cannot read safetensors file {p}: {exc}") from exc
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        obj = _torch_load(p, weights_only=True)
         weights_only = True
     except pickle.UnpicklingError as exc:
         logger.warning(
@@ -113,7 +113,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[Mapping[str, Any], bool]:
             str(exc).splitlines()[0],
         )
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+            obj = _torch_load(p, weights_only=False)
         except Exception as exc2:
             raise CheckpointError(f"cannot read checkpoint {p}: {exc2}") from exc2
         weights_only = False
@@ -122,6 +122,16 @@ def read_checkpoint_file(path: str | Path) -> tuple[Mapping[str, Any], bool]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {p} holds a {type(obj).__name__}, not a state_dict")
     return obj, weights_only
+
+
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    """torch.load memory-mapped (zip format, the default since torch 1.6), else read in full (legacy)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
 def extract_state_dict(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], CheckpointFormat]:

@@ -56,10 +56,9 @@ def albef_dual(spec: ModelSpec, device: torch.device, precision: Precision) -> A
 def albef_cross(spec: ModelSpec, device: torch.device, precision: Precision) -> AlbefCrossEncoder:
     bundle, arch = _bundle(spec, device, precision)
     desc = f"ALBEF {arch} ITM reranker ({bundle.weights})"
-    # The K/V cache costs ~21 MB (fp32) per base-size image: worth it on a GPU, kept off on CPU by default.
-    return AlbefCrossEncoder(
-        bundle, bundle.info(spec.raw, arch, desc, kind="cross"), kv_cache=device.type == "cuda"
-    )
+    # No K/V cache by default: the service rebuilds image states from cached tokens per query and scores them
+    # against one text, where projecting K/V up front saves nothing (and costs ~10-21 MB per image).
+    return AlbefCrossEncoder(bundle, bundle.info(spec.raw, arch, desc, kind="cross"))
 
 
 def albef_known() -> list[ModelEntry]:

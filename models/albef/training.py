@@ -53,6 +53,8 @@ class AlbefTrainingOptions:
     concept_mask_prob: float = 0.0
     #: token ids per concept group (colours, shapes, relations, ...); used with ``concept_mask_prob``
     concept_groups: tuple[tuple[int, ...], ...] = ()
+    #: weight ITM classes so positives and negatives count equally (avoids the collapsed "no match" prior)
+    itm_balance: bool = False
     #: token ids of [CLS], [SEP], [MASK], [PAD] (bert-base-uncased's by default)
     special_ids: tuple[int, int, int, int] = (101, 102, 103, 0)
     itm_weight: float = 1.0
@@ -360,7 +362,12 @@ class AlbefForTraining(AlbefModel):
         labels = torch.cat(
             [torch.ones(b, dtype=torch.long), torch.zeros(2 * b + n_pert, dtype=torch.long)]
         ).to(logits.device)
-        loss_itm = F.cross_entropy(logits.float(), labels)
+        if opts.itm_balance:
+            n_neg = 2 * b + n_pert
+            weight = torch.tensor([1.0, n_neg / b], device=logits.device) * ((n_neg + b) / (2 * n_neg))
+            loss_itm = F.cross_entropy(logits.float(), labels, weight=weight)
+        else:
+            loss_itm = F.cross_entropy(logits.float(), labels)
         with torch.no_grad():
             pred = logits.argmax(dim=1)
             correct = (pred == labels).float()

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from index.evaluation import DEFAULT_MAX_ALL_PAIRS, FUSIONS, MODES, EvalReport, evaluate
+from models.base import PRECISIONS
 from models.errors import InvalidInputError, NotFoundError
 from models.registry import create_cross_encoder, create_dual_encoder, resolve_device
 
@@ -126,6 +127,8 @@ def eval_command(
         raise InvalidInputError(f"--max-all-pairs must be >= 1, got {max_all_pairs}")
     if fusion not in FUSIONS:
         raise InvalidInputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not karpathy.is_file():
         raise NotFoundError(f"--karpathy: file not found: {karpathy}")
     if image_root is not None and not image_root.is_dir():
@@ -139,7 +142,9 @@ def eval_command(
     except InvalidInputError as exc:
         raise InvalidInputError(f"--device: {exc.message}") from exc
     except RuntimeError as exc:  # torch.device() rejects the string itself
-        raise InvalidInputError(f"--device: {device!r} is not a device (use cpu, cuda, cuda:N or auto)") from exc
+        raise InvalidInputError(
+            f"--device: {device!r} is not a device (use cpu, cuda, cuda:N or auto)"
+        ) from exc
 
     from index.collection import Collection, is_collection
 

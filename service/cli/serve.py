@@ -10,9 +10,13 @@ import typer
 
 def serve(
     host: str | None = typer.Option(None, "--host", help="Bind address (default from settings: 127.0.0.1)."),
-    port: int | None = typer.Option(None, "--port", help="Port (default from settings: 8000; 0 = any free port)."),
+    port: int | None = typer.Option(
+        None, "--port", help="Port (default from settings: 8000; 0 = any free port)."
+    ),
     collections: Path | None = typer.Option(
-        None, "--collections", help="Folder holding the collections (default ALIGNFUSE_COLLECTIONS or ./collections)."
+        None,
+        "--collections",
+        help="Folder holding the collections (default ALIGNFUSE_COLLECTIONS or ./collections).",
     ),
     model: str | None = typer.Option(
         None, "--model", help="Dual-encoder spec (default: the one recorded in the collections' manifests)."

@@ -144,6 +144,9 @@ def train(
     group_mix: float = typer.Option(0.0, "--group-mix", help="Share of each batch filled with group siblings."),
     group_mix_after: float = typer.Option(1.0, "--group-mix-after", help="Epochs before --group-mix starts."),
     queue_size: int = typer.Option(4096, "--queue-size"),
+    momentum: float = typer.Option(0.995, "--momentum", help="ALBEF: momentum-encoder EMA factor."),
+    itm_balance: bool = typer.Option(False, "--itm-balance/--no-itm-balance", help="ALBEF: weight ITM classes equally."),
+    time_schedule: bool = typer.Option(False, "--time-schedule", help="Anneal the LR over --max-minutes."),
     mlm_distill: bool = typer.Option(True, "--mlm-distill/--no-mlm-distill", help="ALBEF: distil MLM from the momentum model."),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N images (smoke runs)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
@@ -152,7 +155,7 @@ def train(
     """Train the project's small models (ALBEF or CLIP) and export loadable weights into OUT."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from models.trainer import TrainOptions, Trainer
+    from models.trainer import Trainer, TrainOptions
 
     if threads:
         torch.set_num_threads(threads)
@@ -178,11 +181,12 @@ def train(
         group_mix=group_mix,
         group_mix_after=group_mix_after,
         eval_max_images=eval_images,
+        time_schedule=time_schedule,
     )
     torch.manual_seed(seed)
     dev = torch.device(device)
     if arch == "albef":
-        arch_obj, size = _build_albef(model_config, vocab, mlm, concept_mask, queue_size, dev, opts, mlm_distill)
+        arch_obj, size = _build_albef(model_config, vocab, mlm, concept_mask, queue_size, dev, opts, mlm_distill, momentum, itm_balance)
     else:
         arch_obj, size = _build_clip(model_config, dev, opts)
     t0 = time.monotonic()
@@ -218,7 +222,7 @@ def train(
     typer.echo(f"trained {trainer.state.step} steps in {time.monotonic() - t0:.0f}s; wrote " + ", ".join(map(str, files)))
 
 
-def _build_albef(model_config: str, vocab: Path | None, mlm: bool, concept_mask: float, queue_size: int, dev: torch.device, opts: Any, mlm_distill: bool = True):  # type: ignore[no-untyped-def]
+def _build_albef(model_config: str, vocab: Path | None, mlm: bool, concept_mask: float, queue_size: int, dev: torch.device, opts: Any, mlm_distill: bool = True, momentum: float = 0.995, itm_balance: bool = False):  # type: ignore[no-untyped-def]
     from models.albef.config import get_albef_config
     from models.albef.training import AlbefForTraining, AlbefTrainingOptions
     from models.text import AlbefTokenizer
@@ -234,6 +238,8 @@ def _build_albef(model_config: str, vocab: Path | None, mlm: bool, concept_mask:
         cfg = cfg.replace(vocab_size=tok.vocab_size)
     topts = AlbefTrainingOptions(
         queue_size=queue_size,
+        momentum=momentum,
+        itm_balance=itm_balance,
         mlm=mlm,
         mlm_distill=mlm_distill,
         concept_mask_prob=concept_mask if mlm else 0.0,
@@ -244,7 +250,7 @@ def _build_albef(model_config: str, vocab: Path | None, mlm: bool, concept_mask:
     return AlbefArch(model, tok, opts, dev), cfg.image_res
 
 
-def _build_clip(model_config: str, dev: torch.device, opts: Any, mlm_distill: bool = True):  # type: ignore[no-untyped-def]
+def _build_clip(model_config: str, dev: torch.device, opts: Any):  # type: ignore[no-untyped-def]
     import open_clip
     from open_clip import factory
 
@@ -257,7 +263,7 @@ def _build_clip(model_config: str, dev: torch.device, opts: Any, mlm_distill: bo
     if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
         raise InvalidInputError(f"{p}: an open_clip config needs embed_dim, vision_cfg and text_cfg")
     arch_name = "alignfuse-train-" + p.stem
-    factory._MODEL_CONFIGS[arch_name] = cfg  # noqa: SLF001 - open_clip's registry of configs
+    factory._MODEL_CONFIGS[arch_name] = cfg
     model = open_clip.create_model(arch_name, pretrained=None, device=dev)
     tok = open_clip.get_tokenizer(arch_name)
     return ClipArch(model, tok, cfg, opts, dev), int(cfg["vision_cfg"]["image_size"])

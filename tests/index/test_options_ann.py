@@ -98,18 +98,25 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 @pytest.mark.parametrize(
     ("key", "min_recall"),
-    [("Flat", 0.999), ("HNSW32", 0.95), ("IVF64,Flat", 0.9), ("IVF64,PQ8x8,RFlat", 0.9), ("IVF64,PQ8x8", 0.5)],
+    [
+        ("Flat", 0.999),
+        ("HNSW32", 0.95),
+        ("IVF64,Flat", 0.9),
+        ("IVF64,PQ16x8,RFlat", 0.9),
+        ("IVF64,PQ16x8,Refine(SQ8)", 0.6),
+        ("IVF64,PQ16x8", 0.4),
+    ],
 )
 def test_index_types_build_and_search_with_sane_recall(key: str, min_recall: float, tmp_path: Path) -> None:
-    x = clustered(12_000, 32, seed=1)
-    q = clustered(50, 32, seed=2)
+    data = clustered(12_050, 32, seed=1)  # queries drawn around the same centres as the data
+    x, q = data[:12_000], data[12_000:]
     truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
-    opts = IndexOptions(ivf_nprobe=16, hnsw_ef_search=64)
+    opts = IndexOptions(ivf_nprobe=16, hnsw_ef_search=64, refine_k_factor=16)
     index = build_index(x, key, opts)
     assert index.ntotal == len(x)
     # round trip through a file, memory-mapped
     save_index(index, tmp_path / "ix.faiss")
-    loaded = load_index(tmp_path / "ix.faiss", key, IndexOptions(mmap=True, ivf_nprobe=16, hnsw_ef_search=64))
+    loaded = load_index(tmp_path / "ix.faiss", key, IndexOptions(mmap=True, ivf_nprobe=16, hnsw_ef_search=64, refine_k_factor=16))
     ex = get_executor(opts)
     handle = ex.prepare(loaded, opts)
     _, found = ex.search(handle, q, 10, opts)

@@ -71,6 +71,9 @@ def test_dual_encoder_outputs(pair: tuple[AlbefDualEncoder, AlbefCrossEncoder]) 
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-5)
     assert dual.encode_texts([]).shape == (0, 32)
+    emb, tokens = dual.encode_images_with_tokens(px)
+    np.testing.assert_allclose(emb, img, atol=1e-6)
+    assert tokens.shape == (3, 17, 64) and tokens.dtype == torch.float16
     with pytest.raises(InvalidInputError):
         dual.encode_images(torch.zeros(1, 3, 32, 32))
 

@@ -63,36 +63,66 @@ def test_position_ids_absent_is_fine(base_target: dict[str, torch.Size]) -> None
     assert conv.ignored == ()
 
 
-def _tiny_file(tmp_path: Path, kind: str, *, config: object = None) -> tuple[Path, dict[str, torch.Tensor]]:
+CONTAINERS = ["bare", "model", "pretrain"]
+
+
+def _container(sd: dict[str, torch.Tensor], container: str, config: object = None) -> object:
+    """A state_dict as released (bare), wrapped as ALBEF's fine-tuning saves it, or as a pre-training file
+    with optimizer / scheduler / config / epoch beside it."""
+    if container == "bare":
+        return sd
+    if container == "model":
+        return {"model": sd}
+    lin = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    return {
+        "model": sd,
+        "optimizer": opt.state_dict(),
+        "lr_scheduler": {"last_epoch": 3, "base_lrs": [1e-4]},
+        "config": config if config is not None else {"image_res": 256, "batch_size": 64, "queue_size": 8},
+        "epoch": 3,
+    }
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+@pytest.mark.parametrize("kind", ["released", "retrieval", "pretrain"])
+def test_every_manifest_in_every_container_maps_onto_base(
+    kind: str, container: str, base_target: dict[str, torch.Size]
+) -> None:
+    sd = build_from_manifest(load_manifest(kind))
+    converted, fmt = extract_state_dict(_container(sd, container))  # type: ignore[arg-type]
+    assert fmt == ("pretrain" if kind == "pretrain" else ("released" if container == "bare" else "retrieval"))
+    conv = convert_state_dict(converted, base_target)
+    assert set(conv.state_dict) == set(base_target) and conv.missing == ()
+    assert all(is_documented_extra(k) for k in conv.ignored)
+
+
+def _tiny_file(
+    tmp_path: Path, kind: str, *, container: str | None = None, config: object = None
+) -> tuple[Path, dict[str, torch.Tensor]]:
     shapes = format_shapes(kind, TINY, pos_grid=3 if kind == "pretrain" else None)
     sd = build_from_manifest(shapes, device="cpu", seed=1)
-    if kind == "released":
-        obj: object = sd
-    else:
-        lin = torch.nn.Linear(4, 4)
-        opt = torch.optim.AdamW(lin.parameters())
-        lin(torch.ones(1, 4)).sum().backward()
-        opt.step()
-        obj = {
-            "model": sd,
-            "optimizer": opt.state_dict(),
-            "lr_scheduler": {"last_epoch": 3, "base_lrs": [1e-4]},
-            "config": config if config is not None else {"image_res": 256, "batch_size": 64, "queue_size": 8},
-            "epoch": 3,
-        }
-    path = tmp_path / f"{kind}.pth"
-    torch.save(obj, path)
+    default = {"released": "bare", "retrieval": "model", "pretrain": "pretrain"}[kind]
+    path = tmp_path / f"{kind}-{container or default}.pth"
+    torch.save(_container(sd, container or default, config), path)
     return path, sd
 
 
+@pytest.mark.parametrize("container", CONTAINERS)
 @pytest.mark.parametrize("kind", ["released", "retrieval", "pretrain"])
-def test_tiny_files_load_in_every_format(tmp_path: Path, kind: str) -> None:
-    path, sd = _tiny_file(tmp_path, kind)
+def test_tiny_files_load_in_every_format(tmp_path: Path, kind: str, container: str) -> None:
+    path, sd = _tiny_file(tmp_path, kind, container=container)
     model = AlbefModel(TINY)
     report = load_albef_checkpoint(model, path)
-    assert report.format == kind and report.weights_only
+    assert report.weights_only
+    assert report.format == (
+        "pretrain" if kind == "pretrain" else ("released" if container == "bare" else "retrieval")
+    )
     assert report.missing == ()
     assert all(is_documented_extra(k) for k in report.ignored)
+    assert len(report.loaded) + len(report.ignored) == len(sd)
     prefix = "text_encoder.bert." if kind == "pretrain" else "text_encoder."
     ours = model.state_dict()
     torch.testing.assert_close(

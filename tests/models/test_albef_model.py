@@ -325,3 +325,16 @@ def test_itm_with_folded_path_forced(small: AlbefModel, monkeypatch: pytest.Monk
         cached = small.itm_logits(states, mask, None, kv=small.cross_kv(tokens))
     assert (folded - projected).abs().max().item() < TOL
     assert (folded - cached).abs().max().item() < TOL
+
+
+def test_config_vocab_path_is_relative_to_the_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from models.albef.config import get_albef_config
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\n")
+    cfg_path = tmp_path / "model.json"
+    cfg_path.write_text('{"vocab": "sub/vocab.txt", "hidden_size": 64, "num_attention_heads": 4}')
+    cfg = get_albef_config(str(cfg_path))
+    assert cfg.vocab == str((tmp_path / "sub" / "vocab.txt").resolve())
+    assert cfg.hidden_size == 64 and cfg.fusion_layer == 6  # unspecified keys keep the base values
+    assert AlbefConfig.from_dict({"vocab": "builtin:tiny"}).vocab == "builtin:tiny"

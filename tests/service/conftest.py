@@ -59,8 +59,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = base / "collections"
     opts = BuildOptions(progress=False, batch_size=32)
     # "scenes": with the rerank feature cache; "plain": without (image states recomputed from files)
-    build_collection(root / "scenes", KarpathySource(js), dual, options=BuildOptions(
-        progress=False, batch_size=32, rerank_cache=True), cross_encoder=cross)
+    build_collection(
+        root / "scenes",
+        KarpathySource(js),
+        dual,
+        options=BuildOptions(progress=False, batch_size=32, rerank_cache=True),
+        cross_encoder=cross,
+    )
     build_collection(root / "plain", KarpathySource(js), dual, options=opts)
     # built with another dual encoder: listed as incompatible, searching it is a 409
     build_collection(root / "foreign", KarpathySource(js), other, options=opts)

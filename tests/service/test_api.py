@@ -39,28 +39,55 @@ def _bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     """A PNG whose header claims a huge image (a decompression bomb); only the header is valid."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 # ------------------------------------------------------------------------------------------------ search
 def test_search_text_json(client: TestClient) -> None:
-    r = client.post("/v1/search", json={"collection": "scenes", "text": "a red circle", "k": 4, "candidates": 12, "include_itc": True})
+    r = client.post(
+        "/v1/search",
+        json={"collection": "scenes", "text": "a red circle", "k": 4, "candidates": 12, "include_itc": True},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["reranked"] is True and body["pairs_scored"] == 12 and len(body["hits"]) == 4
     assert set(body["timings"]) == {"encode", "ann", "rerank", "total"}
     hit = body["hits"][0]
-    for key in ("id", "uri", "caption", "metadata", "itc", "itm_prob", "itm_logit", "rank_itc", "rank", "rerank_failed"):
+    for key in (
+        "id",
+        "uri",
+        "caption",
+        "metadata",
+        "itc",
+        "itm_prob",
+        "itm_logit",
+        "rank_itc",
+        "rank",
+        "rerank_failed",
+    ):
         assert key in hit
     assert len(body["itc_hits"]) == 4
 
 
 def test_search_image_base64_and_multipart_agree(client: TestClient, world: World) -> None:
     img = world.image_bytes(2)
-    a = client.post("/v1/search", json={"collection": "plain", "image": base64.b64encode(img).decode(), "k": 3, "candidates": 8})
+    a = client.post(
+        "/v1/search",
+        json={"collection": "plain", "image": base64.b64encode(img).decode(), "k": 3, "candidates": 8},
+    )
     b = client.post(
         "/v1/search/image",
         files={"file": ("q.png", img, "image/png")},
@@ -93,8 +120,14 @@ def test_search_errors(client: TestClient) -> None:
     _err(post({"collection": "nope", "text": "x"}), 404, "not_found")
     _err(post({"collection": "../plain", "text": "x"}), 404, "not_found")
     _err(post({"collection": "foreign", "text": "x"}), 409, "encoder_mismatch")
-    _err(post({"collection": "plain", "image": base64.b64encode(b"GIF89a-not-really").decode()}), 415, "unsupported_media")
-    _err(post({"collection": "plain", "image": base64.b64encode(_bomb_png()).decode()}), 422, "image_too_large")
+    _err(
+        post({"collection": "plain", "image": base64.b64encode(b"GIF89a-not-really").decode()}),
+        415,
+        "unsupported_media",
+    )
+    _err(
+        post({"collection": "plain", "image": base64.b64encode(_bomb_png()).decode()}), 422, "image_too_large"
+    )
     r = client.post("/v1/search", content=b"{not json", headers={"content-type": "application/json"})
     _err(r, 422, "invalid_input")
     _err(client.get("/v1/nothing-here"), 404, "not_found")
@@ -112,7 +145,11 @@ def test_search_image_upload_errors(client_factory: ClientFactory, world: World)
     _err(up("a.png", png_bytes((150, 100)), "image/png"), 422, "image_too_large")  # 15k pixels > 10k
     _err(up("a.png", _bomb_png(), "image/png"), 422, "image_too_large")
     assert up("a.png", world.image_bytes(1), "image/png").status_code == 200
-    r = client.post("/v1/search/image", files={"file": ("a.png", world.image_bytes(1), "image/png")}, data={"collection": "plain", "k": "0"})
+    r = client.post(
+        "/v1/search/image",
+        files={"file": ("a.png", world.image_bytes(1), "image/png")},
+        data={"collection": "plain", "k": "0"},
+    )
     _err(r, 422)
     _err(client.post("/v1/search/image", data={"collection": "plain"}), 422)
 
@@ -126,7 +163,9 @@ def test_request_body_limits(client_factory: ClientFactory) -> None:
         for _ in range(10):
             yield b"A" * 4096
 
-    r = client.post("/v1/collections/plain/items", content=chunks(), headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/collections/plain/items", content=chunks(), headers={"content-type": "application/json"}
+    )
     _err(r, 413, "payload_too_large")
 
 
@@ -170,7 +209,10 @@ def test_add_images_texts_and_delete(client: TestClient) -> None:
     img = png_bytes((44, 44), (30, 30, 220))
     r = client.post(
         "/v1/collections/plain/items",
-        files=[("files", ("a.png", img, "image/png")), ("files", ("b.png", png_bytes((20, 20), (9, 9, 9)), "image/png"))],
+        files=[
+            ("files", ("a.png", img, "image/png")),
+            ("files", ("b.png", png_bytes((20, 20), (9, 9, 9)), "image/png")),
+        ],
         data={"captions": ["a blue thing", "a dark thing"], "metadata": json.dumps({"batch": 7})},
     )
     assert r.status_code == 201, r.text
@@ -178,12 +220,21 @@ def test_add_images_texts_and_delete(client: TestClient) -> None:
     assert added["added"] == 2 and len(added["ids"]) == 2
     new_id = added["ids"][0]
     item = client.get(f"/v1/collections/plain/items/{new_id}").json()
-    assert item["caption"] == "a blue thing" and item["metadata"]["batch"] == 7 and item["metadata"]["filename"] == "a.png"
+    assert (
+        item["caption"] == "a blue thing"
+        and item["metadata"]["batch"] == 7
+        and item["metadata"]["filename"] == "a.png"
+    )
     assert client.get(f"/v1/collections/plain/items/{new_id}/thumbnail").status_code == 200
-    s = client.post("/v1/search", json={"collection": "plain", "image": base64.b64encode(img).decode(), "target": "image", "k": 1})
+    s = client.post(
+        "/v1/search",
+        json={"collection": "plain", "image": base64.b64encode(img).decode(), "target": "image", "k": 1},
+    )
     assert s.json()["hits"][0]["id"] == new_id and s.json()["version"] == added["version"]
 
-    t = client.post("/v1/collections/plain/items", json={"texts": [{"text": "hello there", "metadata": {"lang": "en"}}]})
+    t = client.post(
+        "/v1/collections/plain/items", json={"texts": [{"text": "hello there", "metadata": {"lang": "en"}}]}
+    )
     assert t.status_code == 201 and t.json()["added"] == 1
     d = client.delete(f"/v1/collections/plain/items/{new_id}")
     assert d.status_code == 200 and d.json()["id"] == new_id
@@ -192,7 +243,9 @@ def test_add_images_texts_and_delete(client: TestClient) -> None:
     _err(client.delete("/v1/collections/plain/items/987654"), 404)
 
     # errors of the add endpoint
-    _err(client.post("/v1/collections/plain/items", content=b"x", headers={"content-type": "text/plain"}), 415)
+    _err(
+        client.post("/v1/collections/plain/items", content=b"x", headers={"content-type": "text/plain"}), 415
+    )
     _err(client.post("/v1/collections/plain/items", json={"texts": []}), 422)
     _err(client.post("/v1/collections/plain/items", json={"texts": [{"text": ""}]}), 422)
     _err(client.post("/v1/collections/plain/items", json={"texts": [{"text": "z" * 2000}]}), 422)
@@ -201,7 +254,11 @@ def test_add_images_texts_and_delete(client: TestClient) -> None:
     _err(client.post("/v1/collections/plain/items", files=[("files", ("a.png", b"hi", "image/png"))]), 415)
     _err(client.post("/v1/collections/plain/items", files=[("other", ("a.png", img, "image/png"))]), 422)
     _err(
-        client.post("/v1/collections/plain/items", files=[("files", ("a.png", img, "image/png"))], data={"metadata": "[1"}),
+        client.post(
+            "/v1/collections/plain/items",
+            files=[("files", ("a.png", img, "image/png"))],
+            data={"metadata": "[1"},
+        ),
         422,
     )
     _err(client.post("/v1/collections/missing/items", json={"texts": [{"text": "x"}]}), 404)
@@ -223,8 +280,12 @@ def test_auth_for_writes_and_optionally_reads(client_factory: ClientFactory) -> 
     e = client.post("/v1/collections/plain/items", json=body)
     _err(e, 401, "unauthorized")
     assert e.headers["www-authenticate"] == "Bearer"
-    _err(client.post("/v1/collections/plain/items", json=body, headers={"Authorization": "Bearer wrong"}), 401)
-    _err(client.post("/v1/collections/plain/items", json=body, headers={"Authorization": "Basic sekret"}), 401)
+    _err(
+        client.post("/v1/collections/plain/items", json=body, headers={"Authorization": "Bearer wrong"}), 401
+    )
+    _err(
+        client.post("/v1/collections/plain/items", json=body, headers={"Authorization": "Basic sekret"}), 401
+    )
     ok = client.post("/v1/collections/plain/items", json=body, headers={"Authorization": "Bearer sekret"})
     assert ok.status_code == 201
     _err(client.delete(f"/v1/collections/plain/items/{ok.json()['ids'][0]}"), 401)
@@ -273,7 +334,9 @@ def test_ops_endpoints_and_openapi(client: TestClient) -> None:
         assert p in paths, p
     add = paths["/v1/collections/{name}/items"]["post"]["requestBody"]["content"]
     assert set(add) == {"application/json", "multipart/form-data"}
-    assert paths["/v1/search"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+    assert paths["/v1/search"]["post"]["responses"]["429"]["content"]["application/json"]["schema"][
+        "$ref"
+    ].endswith("/ErrorOut")
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "alignfuse" in page.text
@@ -334,8 +397,14 @@ def test_request_timeout_is_504(client_factory: ClientFactory) -> None:
 
 # ---------------------------------------------------------------------------------- concurrency, overload
 QUERIES = [
-    "a red circle", "two blue squares", "a small green star left of a cross", "an orange diamond",
-    "a purple triangle above a yellow circle", "three shapes", "a large pink cross", "a cyan star",
+    "a red circle",
+    "two blue squares",
+    "a small green star left of a cross",
+    "an orange diamond",
+    "a purple triangle above a yellow circle",
+    "three shapes",
+    "a large pink cross",
+    "a cyan star",
 ] * 2
 
 
@@ -345,6 +414,7 @@ def test_concurrent_requests_equal_sequential(world: World, root: Path) -> None:
 
     async def run() -> tuple[list[Any], list[Any]]:
         async with async_client(app) as c:
+
             async def one(i: int, q: str) -> Any:
                 body: dict[str, Any] = {"collection": "plain", "k": 5, "candidates": 16}
                 if i % 4 == 3:
@@ -374,15 +444,16 @@ def test_concurrent_requests_equal_sequential(world: World, root: Path) -> None:
 
 
 def test_overload_is_429_never_5xx(world: World, root: Path) -> None:
-    settings = make_settings(
-        root, batching={"max_batch": 1, "queue_size": 1, "max_concurrent_requests": 3}
-    )
+    settings = make_settings(root, batching={"max_batch": 1, "queue_size": 1, "max_concurrent_requests": 3})
     engine: SearchEngine = make_engine(world, settings)
     app = create_app(settings, engine=engine)
 
     async def run() -> list[Any]:
         async with async_client(app) as c:
-            reqs = [c.post("/v1/search", json={"collection": "plain", "text": q, "candidates": 24}) for q in QUERIES * 2]
+            reqs = [
+                c.post("/v1/search", json={"collection": "plain", "text": q, "candidates": 24})
+                for q in QUERIES * 2
+            ]
             return list(await asyncio.gather(*reqs))
 
     responses = asyncio.run(run())

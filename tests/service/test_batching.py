@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -74,7 +75,13 @@ def test_kinds_are_never_mixed_and_cost_bound_respected() -> None:
     try:
         f0 = w.submit("a", 0, cost=1)
         assert a.entered.wait(5)
-        fs = [w.submit("a", 1, cost=6), w.submit("b", 2), w.submit("a", 3, cost=6), w.submit("b", 4), w.submit("a", 5, cost=3)]
+        fs = [
+            w.submit("a", 1, cost=6),
+            w.submit("b", 2),
+            w.submit("a", 3, cost=6),
+            w.submit("b", 4),
+            w.submit("a", 5, cost=3),
+        ]
         gate.set()
         for f in [f0, *fs]:
             f.result(5)
@@ -167,5 +174,30 @@ def test_async_run_from_many_tasks() -> None:
 
         assert asyncio.run(go()) == [i + 1 for i in range(50)]
         assert max(e.size for e in w.events) >= 1  # type: ignore[attr-defined]
+    finally:
+        w.stop()
+
+
+def test_lone_task_does_not_wait_when_nothing_is_incoming() -> None:
+    incoming = {"n": 0}
+    rec = Recorder()
+    w = DeviceWorker(
+        "test",
+        {"x": rec},
+        BatchConfig(max_batch=8, max_wait_s=60.0, queue_size=8),
+        incoming=lambda: incoming["n"],
+    )
+    w.start()
+    try:
+        assert w.submit("x", 1).result(10) == 10  # would block for 60 s if the worker waited for a batch
+        incoming["n"] = 1  # a request is on its way: the worker holds the batch open for it
+        f2 = w.submit("x", 2)
+        while w.depth:  # the worker took task 2 (under its lock) ...
+            time.sleep(0.001)
+        with w._cond:  # ... and is now waiting for more (it released the lock)
+            incoming["n"] = 0
+        f3 = w.submit("x", 3)  # joins the open batch, after which nothing else is coming
+        assert (f2.result(10), f3.result(10)) == (20, 30)
+        assert rec.batches[1] == [2, 3]
     finally:
         w.stop()

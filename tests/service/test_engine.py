@@ -27,7 +27,9 @@ def engine(world: World, root: Path) -> Iterator[SearchEngine]:
 
 
 def test_text_to_image_reranks_all_candidates(engine: SearchEngine) -> None:
-    r = engine.search_sync(SearchRequest(collection="plain", text="a red circle", k=5, candidates=16, include_itc=True))
+    r = engine.search_sync(
+        SearchRequest(collection="plain", text="a red circle", k=5, candidates=16, include_itc=True)
+    )
     assert (r.query, r.target, r.reranked) == ("text", "image", True)
     assert r.candidates == 16 and r.pairs_scored == 16
     assert len(r.hits) == 5
@@ -75,7 +77,9 @@ def test_image_to_text_and_same_modality(engine: SearchEngine, world: World) -> 
     assert ii.hits[0].uri.endswith("000003.png")
     caption = r.hits[0].caption
     tt = engine.search_sync(SearchRequest(collection="plain", text=caption, target="text", k=3))
-    assert not tt.reranked and tt.hits[0].caption == caption and tt.hits[0].itc == pytest.approx(1.0, abs=1e-4)
+    assert (
+        not tt.reranked and tt.hits[0].caption == caption and tt.hits[0].itc == pytest.approx(1.0, abs=1e-4)
+    )
     with pytest.raises(InvalidInputError):
         engine.search_sync(SearchRequest(collection="plain", text="x", target="text", rerank=True))
 
@@ -85,16 +89,22 @@ def test_feature_cache_and_recomputed_states_score_alike(engine: SearchEngine) -
     cached = engine.search_sync(q)
     recomputed = engine.search_sync(SearchRequest(**{**q.__dict__, "collection": "plain"}))
     assert [h.uri for h in cached.hits] == [h.uri for h in recomputed.hits]
-    np.testing.assert_allclose([h.itm_logit for h in cached.hits], [h.itm_logit for h in recomputed.hits], atol=1e-4)
+    np.testing.assert_allclose(
+        [h.itm_logit for h in cached.hits], [h.itm_logit for h in recomputed.hits], atol=1e-4
+    )
     again = engine.search_sync(SearchRequest(**{**q.__dict__, "collection": "plain"}))  # memory LRU now
-    np.testing.assert_allclose([h.itm_logit for h in again.hits], [h.itm_logit for h in recomputed.hits], atol=1e-5)
+    np.testing.assert_allclose(
+        [h.itm_logit for h in again.hits], [h.itm_logit for h in recomputed.hits], atol=1e-5
+    )
     text = engine.metrics.registry.get_sample_value
     assert text("alignfuse_rerank_image_states_total", {"source": "feature_cache"}) >= 24
     assert text("alignfuse_rerank_image_states_total", {"source": "recomputed"}) >= 24
     assert text("alignfuse_rerank_image_states_total", {"source": "memory"}) >= 24
 
 
-def test_unreadable_candidate_falls_back_to_itc_and_is_flagged(engine: SearchEngine, world: World, root: Path) -> None:
+def test_unreadable_candidate_falls_back_to_itc_and_is_flagged(
+    engine: SearchEngine, world: World, root: Path
+) -> None:
     coll = Collection.open(root / "plain")
     victim = coll.list(kind="image", limit=1)[0]
     coll.close()
@@ -115,7 +125,9 @@ def test_unreadable_candidate_falls_back_to_itc_and_is_flagged(engine: SearchEng
 def test_add_and_delete_are_committed_and_searchable(engine: SearchEngine) -> None:
     before = engine.collection_info("plain")
     img = png_bytes((50, 40), (10, 200, 90))
-    res = asyncio.run(engine.add_images("plain", [ImageUpload(img, "green.png", "a green block", {"src": "t"})]))
+    res = asyncio.run(
+        engine.add_images("plain", [ImageUpload(img, "green.png", "a green block", {"src": "t"})])
+    )
     assert res.added == 1 and res.version == before.version + 1
     new_id = res.ids[0]
     hit = engine.search_sync(SearchRequest(collection="plain", image=img, target="image", k=1)).hits[0]
@@ -124,7 +136,9 @@ def test_add_and_delete_are_committed_and_searchable(engine: SearchEngine) -> No
     # the same bytes again: no new item, the existing id
     dup = asyncio.run(engine.add_images("plain", [ImageUpload(img)]))
     assert (dup.added, dup.duplicates, dup.ids) == (0, 1, [new_id])
-    t = asyncio.run(engine.add_texts("plain", [TextUpload("a sentence nobody wrote before"), TextUpload("another one")]))
+    t = asyncio.run(
+        engine.add_texts("plain", [TextUpload("a sentence nobody wrote before"), TextUpload("another one")])
+    )
     assert t.added == 2 and t.version == res.version + 1
     tt = engine.search_sync(SearchRequest(collection="plain", text="another one", target="text", k=1))
     assert tt.hits[0].id == t.ids[1]
@@ -148,15 +162,26 @@ def test_feature_cache_collection_gets_tokens_for_uploads(engine: SearchEngine) 
         coll.close()
 
 
-def test_picks_up_versions_committed_by_another_writer(engine: SearchEngine, world: World, root: Path) -> None:
+def test_picks_up_versions_committed_by_another_writer(
+    engine: SearchEngine, world: World, root: Path
+) -> None:
     v0 = engine.search_sync(SearchRequest(collection="plain", text="x", k=1)).version
     coll = Collection.open(root / "plain", encoder=world.dual.info)
     vec = world.dual.encode_texts(["a text committed by another process"])
     with coll.writer() as w:
-        (new_id,) = w.add([NewItem(kind="text", uri="text:ext", sha256="e" * 64, text="a text committed by another process")], vec)
+        (new_id,) = w.add(
+            [
+                NewItem(
+                    kind="text", uri="text:ext", sha256="e" * 64, text="a text committed by another process"
+                )
+            ],
+            vec,
+        )
         w.commit()
     coll.close()
-    r = engine.search_sync(SearchRequest(collection="plain", text="a text committed by another process", target="text", k=1))
+    r = engine.search_sync(
+        SearchRequest(collection="plain", text="a text committed by another process", target="text", k=1)
+    )
     assert r.version == v0 + 1 and r.hits[0].id == int(new_id)
 
 

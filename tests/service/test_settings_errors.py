@@ -78,4 +78,6 @@ def test_every_taxonomy_class_is_mapped_explicitly() -> None:
 
 
 def test_error_body_shape() -> None:
-    assert error_body("not_found", "no", {"id": 3}) == {"error": {"code": "not_found", "message": "no", "detail": {"id": 3}}}
+    assert error_body("not_found", "no", {"id": 3}) == {
+        "error": {"code": "not_found", "message": "no", "detail": {"id": 3}}
+    }

@@ -8,6 +8,7 @@ import math
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from models.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 
@@ -32,7 +33,7 @@ def _decode_b64(data: str, max_bytes: int) -> bytes:
         raise InvalidInputError("image is not valid base64", detail={"field": "image"}) from None
 
 
-async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
+async def read_upload(file: StarletteUploadFile, max_bytes: int) -> bytes:
     """Read an uploaded file (415 for a non-image content type, 413 over ``max_bytes``)."""
     ctype = (file.content_type or "").split(";")[0].strip().lower()
     if ctype not in IMAGE_CONTENT_TYPES:

@@ -1,0 +1,226 @@
+"""ALBEF training objectives and the training loop: official key layouts, learning on a small synthetic
+problem, and resume-to-the-same-state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.albef.config import ALBEF_CONFIGS, AlbefConfig
+from models.albef.training import AlbefBatch, AlbefForTraining, AlbefTrainingOptions, inference_state_dict
+from models.trainer import AlbefArch, PairData, TrainOptions, Trainer, evaluate
+
+SHARED = Path("/work/shared/albef")
+if not SHARED.is_dir():  # the key lists also live beside the repo in some checkouts
+    SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "albef"
+
+
+def _keys(name: str) -> dict[str, list[int]]:
+    path = SHARED / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    return json.loads(path.read_text())
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_retrieval_layout_matches_official_keys() -> None:
+    official = _keys("albef_retrieval_keys.json")
+    with torch.device("meta"):
+        model = AlbefForTraining(ALBEF_CONFIGS["base"], AlbefTrainingOptions(queue_size=65536))
+    ours = _shapes(model)
+    pos_ids = {k for k in official if k.endswith("position_ids")}
+    assert {k: v for k, v in official.items() if k not in pos_ids} == {
+        k: v for k, v in ours.items() if k not in pos_ids
+    }
+    # state_dict order follows ALBEF's too (temp, queues, then modules)
+    assert [k for k in ours if k not in pos_ids] == [k for k in official if k not in pos_ids]
+
+
+def test_mlm_layout_matches_pretraining_keys() -> None:
+    official = _keys("albef_pretrain_keys.json")
+    cfg = ALBEF_CONFIGS["base-256"]
+    with torch.device("meta"):
+        model = AlbefForTraining(cfg, AlbefTrainingOptions(queue_size=65536, mlm=True))
+    ours = _shapes(model)
+    drop = {"idx_queue"}
+    off = {k: v for k, v in official.items() if not k.endswith("position_ids") and k not in drop}
+    mine = {k: v for k, v in ours.items() if not k.endswith("position_ids") and k not in drop}
+    assert off == mine
+    # stripped to the inference layout, it is the released retrieval layout
+    released = _keys("albef_retrieval_released_keys.json")
+    inf = {k: list(v.shape) for k, v in inference_state_dict(model.state_dict()).items()}
+    rel = {k: v for k, v in released.items() if not k.endswith("position_ids")}
+    assert set(inf) == set(rel)
+
+
+# ---------------------------------------------------------------------------------------------- small problem
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (35, 70, 230),
+    "yellow": (245, 225, 30),
+    "purple": (140, 40, 190),
+    "cyan": (30, 215, 225),
+}
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "on", "the", "left", "right", "and", *COLOURS]
+
+
+def _tiny_config(vocab: Path) -> AlbefConfig:
+    return ALBEF_CONFIGS["tiny"].replace(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        fusion_layer=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        encoder_width=32,
+        vision_width=32,
+        vision_depth=1,
+        vision_heads=2,
+        image_res=32,
+        patch_size=16,
+        embed_dim=16,
+        max_position_embeddings=16,
+        max_text_len=8,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        vocab=str(vocab),
+    )
+
+
+def _toy_data(n: int, seed: int) -> PairData:
+    """Two colour blocks (left half, right half); caption 'X on the left and Y on the right'. A perturbed
+    caption swaps the colours (binding) or names an absent colour."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    imgs, caps, pairs = [], [], []
+    for i in range(n):
+        a, b = rng.choice(len(names), size=2, replace=False)
+        img = rng.integers(90, 160, size=(32, 32, 3)).astype(np.uint8)
+        img[8:24, 2:14] = COLOURS[names[a]]
+        img[8:24, 18:30] = COLOURS[names[b]]
+        imgs.append(torch.from_numpy(img).permute(2, 0, 1))
+        caps.append(f"a {names[a]} left and a {names[b]} right")
+        pairs.append((names[a], names[b]))
+
+    def matches(caption: str, image: int) -> bool:
+        w = caption.split()
+        return (w[1], w[5]) == pairs[image]
+
+    def perturb(caption: str, image: int, r: np.random.Generator) -> str:
+        w = caption.split()
+        if r.random() < 0.5:
+            w[1], w[5] = w[5], w[1]
+        else:
+            w[int(r.choice([1, 5]))] = names[int(r.integers(0, len(names)))]
+            if (w[1], w[5]) == pairs[image]:
+                w[1], w[5] = w[5], w[1]
+        return " ".join(w)
+
+    return PairData(torch.stack(imgs), caps, list(range(n)), perturb=perturb, matches=matches)
+
+
+@pytest.fixture()
+def vocab(tmp_path: Path) -> Path:
+    p = tmp_path / "vocab.txt"
+    p.write_text("\n".join(WORDS) + "\n")
+    return p
+
+
+def _arch(vocab: Path, opts: TrainOptions, mlm: bool = True) -> AlbefArch:
+    from models.text import AlbefTokenizer
+
+    torch.manual_seed(opts.seed)
+    cfg = _tiny_config(vocab)
+    tok = AlbefTokenizer(str(vocab), max_len=cfg.max_text_len)
+    topts = AlbefTrainingOptions(
+        queue_size=64, momentum=0.9, mlm=mlm, special_ids=(tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id)
+    )
+    return AlbefArch(AlbefForTraining(cfg, topts), tok, opts, torch.device("cpu"))
+
+
+def test_forward_returns_typed_losses(vocab: Path) -> None:
+    torch.manual_seed(0)
+    arch = _arch(vocab, TrainOptions(batch_size=4))
+    data = _toy_data(6, 0)
+    ids, mask = arch.tok(data.captions[:4])
+    nids, nmask = arch.tok([data.perturb(c, i, np.random.default_rng(0)) for i, c in enumerate(data.captions[:4])])  # type: ignore[misc]
+    batch = AlbefBatch(data.pixels([0, 1, 2, 3]), ids, mask, torch.arange(4), nids, nmask, torch.tensor([1, 1, 0, 1]).bool())
+    losses = arch.model(batch, alpha=0.4)
+    assert losses.total.requires_grad
+    assert float(losses.itc) > 0 and float(losses.itm) > 0 and float(losses.mlm) > 0
+    assert 0.0 <= losses.itm_acc <= 1.0 and not np.isnan(losses.itm_pert_acc)
+    ptr = int(arch.model.queue_ptr)
+    assert ptr == 4 and torch.equal(arch.model.idx_queue[0, :4], torch.arange(4))
+    losses.total.backward()
+    assert arch.model.itm_head.weight.grad is not None
+    assert all(p.grad is None for p in arch.model.visual_encoder_m.parameters())
+
+
+def test_losses_fall_and_itm_learns_binding(vocab: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    data, val = _toy_data(96, 1), _toy_data(48, 2)
+    opts = TrainOptions(epochs=12, batch_size=16, lr=2e-3, warmup_steps=5, seed=0, eval_rerank_k=4)
+    arch = _arch(vocab, opts, mlm=False)
+    before = evaluate(arch, val, rerank_k=4)
+    trainer = Trainer(arch, data, opts, tmp_path / "run")
+    trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "itm" in r]
+    first = np.mean([r["itm"] + r["itc"] for r in steps[:6]])
+    last = np.mean([r["itm"] + r["itc"] for r in steps[-6:]])
+    assert last < first - 0.3, (first, last)
+    after = evaluate(arch, val, rerank_k=4)
+    assert after.itc_ir_r1 > before.itc_ir_r1
+    # ITM rejects colour-swapped / wrong-colour captions of the *same* image better than chance, while it
+    # still accepts the true captions (not a collapsed "always no match" head)
+    assert after.itm_acc_perturbed is not None and after.itm_pos_rate is not None
+    assert (after.itm_acc_perturbed + after.itm_pos_rate) / 2 > 0.6, after
+
+
+def test_resume_is_bitwise_identical(vocab: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    data = _toy_data(48, 3)
+    opts = TrainOptions(epochs=2, batch_size=8, lr=1e-3, warmup_steps=2, seed=4, save_every=5)
+
+    full = Trainer(_arch(vocab, opts), data, opts, tmp_path / "full")
+    full.train(max_steps=9)
+    # interrupted at step 5 (the checkpoint), resumed in a fresh trainer
+    part = Trainer(_arch(vocab, opts), data, opts, tmp_path / "part")
+    part.train(max_steps=5)
+    resumed = Trainer(_arch(vocab, opts), data, opts, tmp_path / "part")
+    torch.manual_seed(12345)  # the checkpoint restores RNG state; the prior state must not matter
+    resumed.load_checkpoint(tmp_path / "part")
+    assert resumed.state.step == 5
+    resumed.train(max_steps=4)
+    assert resumed.state.step == full.state.step == 9
+    a, b = full.arch.model.state_dict(), resumed.arch.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    oa, ob = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
+    assert full.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+
+
+def test_exported_weights_load_in_the_inference_model(vocab: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from models.albef.model import AlbefModel
+
+    arch = _arch(vocab, TrainOptions(batch_size=4))
+    paths = arch.save_weights(tmp_path, "toy")
+    sd = load_file(str(paths[0]))
+    cfg = AlbefConfig.from_json(paths[1])
+    model = AlbefModel(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and not [m for m in missing if not m.endswith("position_ids")]
+    assert (tmp_path / "vocab.txt").read_text() == vocab.read_text()
