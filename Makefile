@@ -39,7 +39,7 @@ typecheck: install
 
 # Generate the demo scenes (if absent), build the demo collection with the shipped models, serve on :8000.
 demo: install
-	bash scripts/demo.sh
+	$(BIN)/alignfuse demo
 
 bench: install
 	$(BIN)/python bench/build.py

@@ -779,6 +779,38 @@ def evaluate(
             "use --limit to evaluate fewer images, or the rerank mode"
         )
     coll = _open(collection)
+    try:
+        return _run_modes(
+            coll,
+            data,
+            dual_encoder,
+            cross_encoder,
+            modes_t,
+            k_test,
+            batch_size,
+            fusion,
+            limit,
+            use_feature_cache,
+        )
+    finally:
+        if coll is not None and coll is not collection:
+            coll.close()
+
+
+def _run_modes(
+    coll: Collection | None,
+    data: EvalData,
+    dual_encoder: DualEncoder,
+    cross_encoder: CrossEncoder | None,
+    modes_t: tuple[str, ...],
+    k_test: int,
+    batch_size: int,
+    fusion: str,
+    limit: int | None,
+    use_feature_cache: bool,
+) -> EvalReport:
+    n_i, n_t = data.n_images, data.n_texts
+    needs_cross = [m for m in modes_t if m != "dual"]
     stored_i, stored_t, item_ids = _stored_embeddings(coll, data, dual_encoder)
     _warm_up(data, dual_encoder, cross_encoder if needs_cross else None)
 

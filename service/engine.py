@@ -32,7 +32,7 @@ from PIL import Image
 from index.collection import Collection, is_collection
 from index.manifest import Manifest
 from index.sources import text_sha256
-from index.types import Item, NewItem
+from index.types import Item, NewItem, SearchResult
 from models.base import CrossEncoder, DualEncoder, ImageStates
 from models.errors import (
     AlignfuseError,
@@ -481,6 +481,16 @@ class SearchEngine:
                 coll.close()
         return h
 
+    def _cached_handle(self, name: str) -> _Handle | None:
+        """The open handle when no refresh check is due (no I/O: safe on the event loop), else None."""
+        h = self._handles.get(name)
+        if h is None or time.monotonic() - h.checked < 0 or self._closed:
+            return None
+        if time.monotonic() - h.checked >= self.settings.refresh_interval_s:
+            return None
+        self.require_ready()
+        return h
+
     def _maybe_refresh(self, h: _Handle, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - h.checked < self.settings.refresh_interval_s:
@@ -688,7 +698,7 @@ class SearchEngine:
         t0 = time.perf_counter()
         query, target, n_cand, rerank = plan
         assert self._dual_worker is not None and self.dual is not None
-        h = await self._io(self._handle, req.collection)
+        h = self._cached_handle(req.collection) or await self._io(self._handle, req.collection)
         coll = h.coll
         # 1. encode the query (micro-batched on the dual worker)
         query_img: Image.Image | None = None
@@ -711,9 +721,13 @@ class SearchEngine:
         t1 = time.perf_counter()
         # 2. candidates from the ANN index, joined with their items
         fetch = n_cand if rerank else req.k
-        result = await self._io(coll.search, vec[None, :].astype(np.float32), fetch, target)
-        pairs = result.row(0)
-        items = await self._io(coll.get_many, [i for i, _ in pairs]) if pairs else []
+
+        def ann() -> tuple[SearchResult, list[tuple[int, float]], list[Item]]:
+            res = coll.search(vec[None, :].astype(np.float32), fetch, target)
+            row = res.row(0)
+            return res, row, coll.get_many([i for i, _ in row]) if row else []
+
+        result, pairs, items = await self._io(ann)
         t2 = time.perf_counter()
         itc = np.array([s for _, s in pairs], dtype=np.float32)
         n = len(pairs)

@@ -9,7 +9,7 @@ import typer
 
 from models.errors import AlignfuseError
 
-from . import collections, scenes, serve, train
+from . import collections, demo, scenes, serve, train
 from . import eval as eval_cmd
 from ._common import exit_code_for
 
@@ -32,7 +32,7 @@ def _root(
     )
 
 
-for _module in (collections, serve, train, scenes, eval_cmd):
+for _module in (collections, serve, train, scenes, eval_cmd, demo):
     _module.register(app)
 
 

@@ -7,13 +7,13 @@ import binascii
 import math
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from models.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 
 from ...images import IMAGE_CONTENT_TYPES
-from ...types import SearchRequest
+from ...types import SearchRequest, SearchResponse
 from ..deps import EngineDep, ReadAuth, SettingsDep
 from ..schemas import ERROR_RESPONSES, Fusion, Modality, SearchBody, SearchOut
 
@@ -50,8 +50,13 @@ async def read_upload(file: StarletteUploadFile, max_bytes: int) -> bytes:
     return data
 
 
+def _json(resp: SearchResponse) -> Response:
+    """Serialise once through the schema (FastAPI would validate the returned model a second time)."""
+    return Response(SearchOut.model_validate(resp).model_dump_json(), media_type="application/json")
+
+
 @router.post("", response_model=SearchOut, summary="Search with a text or a base64 image (JSON)")
-async def search(body: SearchBody, engine: EngineDep, settings: SettingsDep) -> SearchOut:
+async def search(body: SearchBody, engine: EngineDep, settings: SettingsDep) -> Response:
     image = None if body.image is None else _decode_b64(body.image, settings.limits.max_upload_bytes)
     req = SearchRequest(
         collection=body.collection,
@@ -65,7 +70,7 @@ async def search(body: SearchBody, engine: EngineDep, settings: SettingsDep) -> 
         min_match=body.min_match,
         include_itc=body.include_itc,
     )
-    return SearchOut.model_validate(await engine.search(req))
+    return _json(await engine.search(req))
 
 
 @router.post("/image", response_model=SearchOut, summary="Search with an uploaded image (multipart)")
@@ -81,7 +86,7 @@ async def search_image(
     min_match: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
     target: Annotated[Modality | None, Form()] = None,
     include_itc: Annotated[bool, Form()] = False,
-) -> SearchOut:
+) -> Response:
     data = await read_upload(file, settings.limits.max_upload_bytes)
     req = SearchRequest(
         collection=collection,
@@ -94,4 +99,4 @@ async def search_image(
         min_match=min_match,
         include_itc=include_itc,
     )
-    return SearchOut.model_validate(await engine.search(req))
+    return _json(await engine.search(req))
