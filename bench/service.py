@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -115,6 +116,17 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("server not ready:\n" + "".join(self.lines[-20:]))
 
+    def wait_idle(self, timeout: float = 120.0) -> None:
+        """Until no search is in flight (requests a client abandoned still finish on the server)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = httpx.get(self.url + "/metrics", timeout=30).text
+            m = re.search(r"^alignfuse_searches_in_flight (\S+)$", text, re.M)
+            if m is None or float(m.group(1)) == 0:
+                return
+            time.sleep(0.2)
+        log.warning("server still busy after %.0f s", timeout)
+
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=30).text
         out: dict[str, float] = {}
@@ -135,7 +147,13 @@ class Server:
 
 # -------------------------------------------------------------------------------------------------- load
 async def load(
-    url: str, queries: list[str], concurrency: int, duration: float, warmup: float, body: dict[str, Any]
+    url: str,
+    queries: list[str],
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    body: dict[str, Any],
+    grace: float = 30.0,
 ) -> dict[str, Any]:
     """Closed loop: ``concurrency`` clients, each sends its next query when its previous answer arrives.
     Only requests that start after ``warmup`` and finish before ``warmup + duration`` are counted."""
@@ -169,11 +187,17 @@ async def load(
                     else:
                         errors += 1
 
-        await asyncio.gather(*[worker(w) for w in range(concurrency)])
+        tasks = [asyncio.create_task(worker(w)) for w in range(concurrency)]
+        # a hard stop: requests still running long after the window are abandoned (and reported)
+        _, pending = await asyncio.wait(tasks, timeout=warmup + duration + grace)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     lat = np.array(latencies) * 1000.0
     return {
         "requests": len(latencies),
         "errors": errors,
+        "abandoned": len(pending),
         "status_codes": {str(k): v for k, v in sorted(codes.items())},
         "throughput_rps": len(latencies) / duration,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
@@ -289,6 +313,7 @@ def main() -> None:
                         "rerank": rerank,
                     }
                     for conc in concurrency:
+                        server.wait_idle()
                         before = server.metrics()
                         res = asyncio.run(load(server.url, queries, conc, args.duration, args.warmup, body))
                         mean_batch = batch_stats(before, server.metrics())

@@ -93,6 +93,7 @@ def build_index(vectors: np.ndarray, key: str, options: IndexOptions, block: int
         hnsw = _find_hnsw(index)
         if hnsw is not None:
             hnsw.efConstruction = options.hnsw_ef_construction
+    _no_polysemous(index)
     if not index.is_trained:
         need = max(min_train_count(key), 1)
         size = min(n, max(options.train_sample, 50 * max(_needs_ivf(key), _pq_ksub(key), 1) if need else 0))
@@ -105,6 +106,15 @@ def build_index(vectors: np.ndarray, key: str, options: IndexOptions, block: int
     for start in range(0, n, block):
         index.add(np.ascontiguousarray(vectors[start : start + block], dtype=np.float32))
     return index
+
+
+def _no_polysemous(index: Any) -> None:
+    """The factory turns on polysemous training for 8-bit PQ: slow, and unused by our searches."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexRefine):
+        _no_polysemous(idx.base_index)
+    elif hasattr(idx, "do_polysemous_training"):
+        idx.do_polysemous_training = False
 
 
 def _find_hnsw(index: Any) -> Any:
@@ -232,6 +242,8 @@ _executors_lock = threading.Lock()
 def get_executor(options: IndexOptions) -> SearchExecutor:
     """The process-wide executor for ``options``' device choice (one GPU thread per device)."""
     ngpu = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    if options.use_gpu and ngpu == 0:
+        raise InvalidInputError("use_gpu=True but faiss sees no GPU (faiss-cpu installed, or no device)")
     gpu = ngpu > 0 and options.use_gpu is not False
     key = (gpu, options.gpu_device if gpu else -1)
     with _executors_lock:

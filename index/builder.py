@@ -162,7 +162,8 @@ class _ItemDataset(Dataset[_Record]):
             return _Record(i, "image", "failed", sha, f"image too large: {exc}")
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             msg = str(exc) or type(exc).__name__
-            return _Record(i, "image", "failed", sha, f"corrupt image: {msg}")
+            kind = "truncated image" if "truncat" in msg.lower() else "corrupt image"
+            return _Record(i, "image", "failed", sha, f"{kind}: {msg}")
         try:
             pixels = tuple(t(img) for t in self.transforms)
         except Exception as exc:  # a transform failing on one odd image must not stop the build

@@ -277,8 +277,8 @@ def sample_group(rng: np.random.Generator, split: str = "train", group: int = 0)
         for (ca, sa), (cb, sb) in (((c0, s0), (c1, s1)), ((c1, s0), (c0, s1))):
             attrs = [(sa, ca, z), (sa, ca, z), (sb, cb, "small" if z == "large" else "large")]
             objs = list(_objects(rng, attrs, None))
-            order = rng.permutation(3)
-            scenes.append([objs[int(i)] for i in order])
+            perm = rng.permutation(3)
+            scenes.append([objs[int(i)] for i in perm])
     else:  # single object; the group partner has another colour
         for _ in range(100):
             c0, c1 = (colours[int(i)] for i in rng.choice(len(colours), size=2, replace=False))

@@ -176,12 +176,14 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
 class _Arch:
     """What the loop needs from a model family."""
 
-    model: nn.Module
+    model: Any  # an nn.Module with the family's methods
 
     def step_loss(self, data: PairData, images: list[int], step: int, epoch_frac: float) -> dict[str, Any]:
         raise NotImplementedError
 
-    def embed(self, data: PairData, image_idx: Sequence[int], caption_idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, data: PairData, image_idx: Sequence[int], caption_idx: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def itm(self, data: PairData, pairs: Sequence[tuple[int, str]]) -> torch.Tensor | None:
@@ -230,13 +232,17 @@ class AlbefArch(_Arch):
         ramp = self.opts.alpha_ramp_steps
         alpha = self.model.options.alpha * (min(1.0, step / ramp) if ramp else min(1.0, epoch_frac))
         gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(0, 2**62)))
-        losses = self.model(batch.to(self.device), alpha=alpha, generator=gen if self.device.type == "cpu" else None)
+        losses = self.model(
+            batch.to(self.device), alpha=alpha, generator=gen if self.device.type == "cpu" else None
+        )
         out = losses.as_dict()
         out["_total"] = losses.total
         return out
 
     @torch.no_grad()
-    def embed(self, data: PairData, image_idx: Sequence[int], caption_idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, data: PairData, image_idx: Sequence[int], caption_idx: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
         img, txt = [], []
         for s in range(0, len(image_idx), 128):
@@ -253,9 +259,16 @@ class AlbefArch(_Arch):
         m = self.model
         uniq = sorted({i for i, _ in pairs})
         where = {img: r for r, img in enumerate(uniq)}
-        tokens = torch.cat(
-            [m.image_tokens(data.pixels(uniq[s : s + 128]).to(self.device)) for s in range(0, len(uniq), 128)]
-        ) if uniq else None
+        tokens = (
+            torch.cat(
+                [
+                    m.image_tokens(data.pixels(uniq[s : s + 128]).to(self.device))
+                    for s in range(0, len(uniq), 128)
+                ]
+            )
+            if uniq
+            else None
+        )
         out = []
         for s in range(0, len(pairs), 256):
             chunk = pairs[s : s + 256]
@@ -272,7 +285,10 @@ class AlbefArch(_Arch):
 
         from models.albef.training import inference_state_dict
 
-        sd = {k: v.detach().float().contiguous().cpu() for k, v in inference_state_dict(self.model.state_dict()).items()}
+        sd = {
+            k: v.detach().float().contiguous().cpu()
+            for k, v in inference_state_dict(self.model.state_dict()).items()
+        }
         path = out_dir / f"{name}.safetensors"
         save_file(sd, str(path), metadata={"format": "pt", "layout": "albef-retrieval"})
         cfg_path = out_dir / f"{name}.json"
@@ -289,7 +305,14 @@ class AlbefArch(_Arch):
 
 
 class ClipArch(_Arch):
-    def __init__(self, model: nn.Module, tokenizer: Any, model_cfg: dict[str, Any], opts: TrainOptions, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        model_cfg: dict[str, Any],
+        opts: TrainOptions,
+        device: torch.device,
+    ) -> None:
         self.model = model
         self.tok = tokenizer
         self.model_cfg = model_cfg
@@ -314,11 +337,17 @@ class ClipArch(_Arch):
         return {"loss": float(loss.detach()), "itc": float(loss.detach()), "_total": loss}
 
     @torch.no_grad()
-    def embed(self, data: PairData, image_idx: Sequence[int], caption_idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, data: PairData, image_idx: Sequence[int], caption_idx: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
         img, txt = [], []
         for s in range(0, len(image_idx), 128):
-            img.append(F.normalize(m.encode_image(data.pixels(list(image_idx[s : s + 128])).to(self.device)).float(), dim=-1).cpu())
+            img.append(
+                F.normalize(
+                    m.encode_image(data.pixels(list(image_idx[s : s + 128])).to(self.device)).float(), dim=-1
+                ).cpu()
+            )
         for s in range(0, len(caption_idx), 256):
             tokens = self.tok([data.captions[k] for k in caption_idx[s : s + 256]]).to(self.device)
             txt.append(F.normalize(m.encode_text(tokens).float(), dim=-1).cpu())
@@ -359,7 +388,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(arch: _Arch, data: PairData, max_images: int = 500, rerank_k: int = 8, seed: int = 0) -> EvalResult:
+def evaluate(
+    arch: _Arch, data: PairData, max_images: int = 500, rerank_k: int = 8, seed: int = 0
+) -> EvalResult:
     """Retrieval and ITM diagnostics on (the first ``max_images`` images of) ``data``."""
     was_training = arch.model.training
     arch.model.eval()
@@ -398,7 +429,14 @@ def evaluate(arch: _Arch, data: PairData, max_images: int = 500, rerank_k: int =
         one = [data.captions_of[i][0] for i in imgs]
         pos = arch.itm(data, [(i, data.captions[one[i]]) for i in imgs])
         other = [(i + 1 + int(rng.integers(0, n_img - 1))) % n_img for i in imgs]
-        neg = arch.itm(data, [(i, data.captions[one[o]]) for i, o in zip(imgs, other, strict=True) if _false(data, data.captions[one[o]], i)])
+        neg = arch.itm(
+            data,
+            [
+                (i, data.captions[one[o]])
+                for i, o in zip(imgs, other, strict=True)
+                if _false(data, data.captions[one[o]], i)
+            ],
+        )
         assert pos is not None and neg is not None
         pos_rate = float((pos > 0).float().mean())
         acc_random = (pos_rate + float((neg <= 0).float().mean())) / 2
@@ -422,7 +460,12 @@ def evaluate(arch: _Arch, data: PairData, max_images: int = 500, rerank_k: int =
                 extra["itm_acc_group"] = float((s <= 0).float().mean())
         extra.update(_group_metrics(data, sims, caps, cap_img, arch, n_img=n_img))
         return replace(
-            res, rerank_tr_r1=rr_tr, rerank_ir_r1=rr_ir, itm_acc_random=acc_random, itm_pos_rate=pos_rate, **extra
+            res,
+            rerank_tr_r1=rr_tr,
+            rerank_ir_r1=rr_ir,
+            itm_acc_random=acc_random,
+            itm_pos_rate=pos_rate,
+            **extra,
         )
     finally:
         arch.model.train(was_training)
@@ -433,13 +476,22 @@ def _false(data: PairData, caption: str, image: int) -> bool:
 
 
 def _group_metrics(
-    data: PairData, sims: torch.Tensor, caps: list[int], cap_img: torch.Tensor | None, arch: _Arch, n_img: int | None = None
+    data: PairData,
+    sims: torch.Tensor,
+    caps: list[int],
+    cap_img: torch.Tensor | None,
+    arch: _Arch,
+    n_img: int | None = None,
 ) -> dict[str, Any]:
     """Inside each group: does the best-scoring group member make the caption true?"""
     if data.groups is None:
         return {}
     n_img = n_img or sims.shape[0]
-    hits_itc, hits_itm, chance, pairs, spans = [], [], [], [], []
+    hits_itc: list[bool] = []
+    hits_itm: list[bool] = []
+    chance: list[float] = []
+    pairs: list[tuple[int, str]] = []
+    spans: list[tuple[int, int, list[bool]]] = []
     col = {k: c for c, k in enumerate(caps)}
     for i in range(n_img):
         members = [j for j in [i, *data.siblings(i)] if j < n_img]
@@ -498,7 +550,13 @@ def _param_groups(model: nn.Module, wd: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "LayerNorm" in name or name.endswith(("bias", "temp", "logit_scale")) or "pos_embed" in name or "cls_token" in name:
+        if (
+            p.ndim < 2
+            or "LayerNorm" in name
+            or name.endswith(("bias", "temp", "logit_scale"))
+            or "pos_embed" in name
+            or "cls_token" in name
+        ):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -527,7 +585,9 @@ class Trainer:
         self.batches_per_epoch = len(epoch_batches(data, opts, 0))
         steps_per_epoch = math.ceil(self.batches_per_epoch / opts.grad_accum)
         self.total_steps = steps_per_epoch * opts.epochs
-        self.optimizer = torch.optim.AdamW(_param_groups(arch.model, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.98))
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(arch.model, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.98)
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_lambda(self.total_steps, opts.warmup_steps, opts.lr, opts.min_lr)
         )
@@ -574,15 +634,17 @@ class Trainer:
         blob = torch.load(p, map_location="cpu", weights_only=True)
         missing, unexpected = self.arch.model.load_state_dict(blob["model"], strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint {p} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(
+                f"checkpoint {p} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["lr_scheduler"])
         self.state = TrainState(
-            int(blob["epoch"]),
-            int(blob["step"]),
-            int(blob["batch_in_epoch"]),
-            json.loads(blob["history"]),
-            float(blob.get("elapsed_s", 0.0)),
+            epoch=int(blob["epoch"]),
+            step=int(blob["step"]),
+            batch_in_epoch=int(blob["batch_in_epoch"]),
+            elapsed_s=float(blob.get("elapsed_s", 0.0)),
+            history=json.loads(blob["history"]),
         )
         self._session_start = time.monotonic()
         torch.set_rng_state(blob["rng"]["torch"])
@@ -655,7 +717,10 @@ class Trainer:
                 if max_steps is not None and steps_here >= max_steps:
                     stop = True
                     break
-                if opts.max_minutes is not None and (self.state.elapsed_s + now - start) / 60 >= opts.max_minutes:
+                if (
+                    opts.max_minutes is not None
+                    and (self.state.elapsed_s + now - start) / 60 >= opts.max_minutes
+                ):
                     log.info("time budget of %.1f min reached at step %d", opts.max_minutes, self.state.step)
                     stop = True
                     break
@@ -684,7 +749,9 @@ class Trainer:
         rec: dict[str, Any] = {"epoch_done": self.state.epoch, "step": self.state.step}
         if self.val is not None:
             t0 = time.monotonic()
-            res = evaluate(self.arch, self.val, self.opts.eval_max_images, self.opts.eval_rerank_k, self.opts.seed)
+            res = evaluate(
+                self.arch, self.val, self.opts.eval_max_images, self.opts.eval_rerank_k, self.opts.seed
+            )
             rec["val"] = res.as_dict()
             rec["eval_s"] = round(time.monotonic() - t0, 1)
         self.state.history.append(rec)

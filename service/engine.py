@@ -20,7 +20,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +33,7 @@ from index.collection import Collection, is_collection
 from index.manifest import Manifest
 from index.sources import text_sha256
 from index.types import Item, NewItem, SearchResult
-from models.base import CrossEncoder, DualEncoder, ImageStates
+from models.base import CrossEncoder, DualEncoder
 from models.errors import (
     AlignfuseError,
     InvalidInputError,
@@ -47,6 +47,7 @@ from models.errors import (
 from models.registry import create_cross_encoder, create_dual_encoder
 
 from .batching import BatchConfig, DeviceWorker
+from .handlers import BULK_CHUNK, CrossHandlers, DualHandlers, RerankJob, RerankOut, TokenLRU
 from .images import FORMATS, image_format, load_image_file, open_image, resolve_uri, thumbnail_jpeg
 from .metrics import Metrics
 from .settings import Settings
@@ -72,7 +73,13 @@ T = TypeVar("T")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 UPLOADS_DIR = "uploads"
-_BULK_CHUNK = 64
+
+
+def check_item_id(name: str, item_id: int) -> int:
+    """Item ids are int64 >= 0; anything else cannot exist."""
+    if not isinstance(item_id, int) or not 0 <= item_id < 2**63:
+        raise NotFoundError(f"no item {item_id} in {name!r}", detail={"id": str(item_id)})
+    return item_id
 
 
 def check_collection_name(name: str) -> str:
@@ -80,180 +87,6 @@ def check_collection_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
         raise NotFoundError(f"no collection named {name!r}", detail={"collection": name})
     return name
-
-
-# --------------------------------------------------------------------------------------------------------
-# worker payloads and handlers
-# --------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RerankJob:
-    """The pairs of one request: ``texts`` is 1 text (broadcast over the images) or one per pair;
-    images are ``tokens`` (fp16 [a, L, D], from a cache) followed by ``pixels`` ([b, 3, H, W], recomputed)."""
-
-    texts: tuple[str, ...]
-    tokens: torch.Tensor | None
-    pixels: torch.Tensor | None
-
-    @property
-    def n_images(self) -> int:
-        return (0 if self.tokens is None else len(self.tokens)) + (
-            0 if self.pixels is None else len(self.pixels)
-        )
-
-    @property
-    def n_pairs(self) -> int:
-        return max(len(self.texts), self.n_images)
-
-
-@dataclass(frozen=True)
-class RerankOut:
-    logit: np.ndarray
-    prob: np.ndarray
-    new_tokens: torch.Tensor | None  # fp16 tokens computed from ``pixels`` (to cache), else None
-
-
-def _split_rows(arr: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
-    out, start = [], 0
-    for n in sizes:
-        out.append(arr[start : start + n])
-        start += n
-    return out
-
-
-class _DualHandlers:
-    def __init__(self, model: DualEncoder) -> None:
-        self.model = model
-
-    def texts(self, payloads: list[Any]) -> list[np.ndarray]:
-        texts: list[str] = [t for p in payloads for t in p]
-        vecs = np.concatenate(
-            [
-                self.model.encode_texts(texts[i : i + _BULK_CHUNK * 4])
-                for i in range(0, len(texts), _BULK_CHUNK * 4)
-            ]
-        )
-        return _split_rows(vecs, [len(p) for p in payloads])
-
-    def images(self, payloads: list[Any]) -> list[np.ndarray]:
-        pixels = torch.cat(payloads)
-        vecs = np.concatenate(
-            [
-                self.model.encode_images(pixels[i : i + _BULK_CHUNK])
-                for i in range(0, len(pixels), _BULK_CHUNK)
-            ]
-        )
-        return _split_rows(vecs, [len(p) for p in payloads])
-
-
-class _CrossHandlers:
-    def __init__(self, model: CrossEncoder, max_pairs: int) -> None:
-        self.model = model
-        self.max_pairs = max_pairs
-
-    @torch.inference_mode()
-    def tokens(self, payloads: list[Any]) -> list[np.ndarray]:
-        """Vision tokens (fp16) of pixel batches: what the feature cache stores."""
-        pixels = torch.cat(payloads)
-        parts = [
-            self.model.image_states(pixels[i : i + _BULK_CHUNK]).tokens.to("cpu", torch.float16)
-            for i in range(0, len(pixels), _BULK_CHUNK)
-        ]
-        return _split_rows(torch.cat(parts).numpy(), [len(p) for p in payloads])
-
-    def _score_chunks(self, text_idx: torch.Tensor, img_idx: torch.Tensor, ts: Any, st: ImageStates) -> Any:
-        logits, probs = [], []
-        for a in range(0, len(text_idx), self.max_pairs):
-            b = a + self.max_pairs
-            out = self.model.score(ts.select(text_idx[a:b]), st.select(img_idx[a:b]))
-            logits.append(np.asarray(out.logit, dtype=np.float32))
-            probs.append(np.asarray(out.prob, dtype=np.float32))
-        return np.concatenate(logits), np.concatenate(probs)
-
-    @torch.inference_mode()
-    def rerank(self, payloads: list[Any]) -> list[RerankOut]:
-        jobs: list[RerankJob] = payloads
-        model = self.model
-        dev = model.device
-        # 1. every text of every job through the text tower at once
-        all_texts = [t for j in jobs for t in j.texts]
-        ts = model.text_states(all_texts)
-        # 2. images: recompute tokens from pixels in one vision pass, rounded to fp16 like the cache so a
-        #    candidate scores the same whichever way its states arrived
-        pix = [j.pixels for j in jobs if j.pixels is not None]
-        new_tok: torch.Tensor | None = None
-        if pix:
-            pixels = torch.cat(pix)
-            new_tok = torch.cat(
-                [
-                    model.image_states(pixels[i : i + _BULK_CHUNK]).tokens.to(torch.float16)
-                    for i in range(0, len(pixels), _BULK_CHUNK)
-                ]
-            )
-        parts: list[torch.Tensor] = []
-        new_sizes: list[int] = []
-        pix_off = 0
-        for j in jobs:
-            if j.tokens is not None:
-                parts.append(j.tokens.to(dev, torch.float16))
-            if j.pixels is not None:
-                assert new_tok is not None
-                parts.append(new_tok[pix_off : pix_off + len(j.pixels)].to(dev))
-                pix_off += len(j.pixels)
-            new_sizes.append(0 if j.pixels is None else len(j.pixels))
-        states = model.image_states_from_tokens(torch.cat(parts))
-        # 3. pair indices (one text broadcast over many images, or one image over many texts)
-        text_idx: list[torch.Tensor] = []
-        img_idx: list[torch.Tensor] = []
-        t_off = i_off = 0
-        for j in jobs:
-            n = j.n_pairs
-            nt, ni = len(j.texts), j.n_images
-            text_idx.append(torch.full((n,), t_off) if nt == 1 else torch.arange(t_off, t_off + nt))
-            img_idx.append(torch.full((n,), i_off) if ni == 1 else torch.arange(i_off, i_off + ni))
-            t_off += nt
-            i_off += ni
-        logit, prob = self._score_chunks(torch.cat(text_idx), torch.cat(img_idx), ts, states)
-        outs: list[RerankOut] = []
-        off = p_off = 0
-        cpu_new = None if new_tok is None else new_tok.to("cpu")
-        for j, ns in zip(jobs, new_sizes, strict=True):
-            n = j.n_pairs
-            nt_ = None if cpu_new is None or ns == 0 else cpu_new[p_off : p_off + ns]
-            p_off += ns
-            outs.append(RerankOut(logit[off : off + n].copy(), prob[off : off + n].copy(), nt_))
-            off += n
-        return outs
-
-
-class _TokenLRU:
-    """Recomputed rerank image tokens (fp16, CPU) kept in memory, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._data: OrderedDict[tuple[str, int, str], torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int, str]) -> torch.Tensor | None:
-        with self._lock:
-            t = self._data.get(key)
-            if t is not None:
-                self._data.move_to_end(key)
-            return t
-
-    def put(self, key: tuple[str, int, str], value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._data.pop(key, None)
-            if old is not None:
-                self._bytes -= old.numel() * old.element_size()
-            self._data[key] = value
-            self._bytes += size
-            while self._bytes > self.max_bytes and self._data:
-                _, ev = self._data.popitem(last=False)
-                self._bytes -= ev.numel() * ev.element_size()
 
 
 class _Handle:
@@ -291,7 +124,7 @@ class SearchEngine:
         self._handles: dict[str, _Handle] = {}
         self._handles_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="alignfuse-io")
-        self._tokens = _TokenLRU(256 * 1024 * 1024)
+        self._tokens = TokenLRU(256 * 1024 * 1024)
         self._thumbs: OrderedDict[tuple[str, int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self._inflight = 0
@@ -383,7 +216,7 @@ class SearchEngine:
             queue_size=b.queue_size,
             max_cost={"texts": max(b.max_batch, 1), "images": max(b.max_batch, 1)},
         )
-        dh = _DualHandlers(self.dual)
+        dh = DualHandlers(self.dual)
         self._dual_worker = DeviceWorker(
             "dual",
             {"texts": dh.texts, "images": dh.images},
@@ -394,8 +227,8 @@ class SearchEngine:
         self._dual_worker.start()
         self.metrics.track_queue("dual", lambda: float(self._dual_worker.depth if self._dual_worker else 0))
         if self.cross is not None:
-            ch = _CrossHandlers(self.cross, b.max_pairs)
-            ccfg = replace(cfg, max_cost={"rerank": b.max_pairs, "tokens": _BULK_CHUNK})
+            ch = CrossHandlers(self.cross, b.max_pairs)
+            ccfg = replace(cfg, max_cost={"rerank": b.max_pairs, "tokens": BULK_CHUNK})
             self._cross_worker = DeviceWorker(
                 "cross",
                 {"rerank": ch.rerank, "tokens": ch.tokens},
@@ -484,7 +317,7 @@ class SearchEngine:
     def _cached_handle(self, name: str) -> _Handle | None:
         """The open handle when no refresh check is due (no I/O: safe on the event loop), else None."""
         h = self._handles.get(name)
-        if h is None or time.monotonic() - h.checked < 0 or self._closed:
+        if h is None or self._closed:
             return None
         if time.monotonic() - h.checked >= self.settings.refresh_interval_s:
             return None
@@ -545,6 +378,7 @@ class SearchEngine:
         )
 
     def get_item(self, name: str, item_id: int) -> ItemInfo:
+        check_item_id(name, item_id)
         h = self._handle(name)
         it = h.coll.get(int(item_id))
         if it.state != "live":
@@ -563,6 +397,7 @@ class SearchEngine:
         size = lim.thumbnail_size if size is None else size
         if not 16 <= size <= 1024:
             raise InvalidInputError("size must be in [16, 1024]", detail={"min": 16, "max": 1024})
+        check_item_id(name, item_id)
         h = self._handle(name)
         it = h.coll.get(int(item_id))
         if it.state != "live":
@@ -698,7 +533,8 @@ class SearchEngine:
         t0 = time.perf_counter()
         query, target, n_cand, rerank = plan
         assert self._dual_worker is not None and self.dual is not None
-        h = self._cached_handle(req.collection) or await self._io(self._handle, req.collection)
+        cached = self._cached_handle(req.collection)
+        h = cached if cached is not None else await self._io(self._handle, req.collection)
         coll = h.coll
         # 1. encode the query (micro-batched on the dual worker)
         query_img: Image.Image | None = None
@@ -1060,6 +896,7 @@ class SearchEngine:
 
     async def delete_item(self, name: str, item_id: int) -> DeleteResult:
         self.require_ready()
+        check_item_id(name, item_id)
         h = await self._io(self._handle, name)
 
         def run() -> DeleteResult:

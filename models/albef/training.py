@@ -197,7 +197,7 @@ class AlbefForTraining(AlbefModel):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.visual_encoder_m = build_visual_encoder(config)
         self.vision_proj_m = nn.Linear(config.vision_width, config.embed_dim)
-        self.text_encoder_m: nn.Module = BertForMaskedLM(config) if opts.mlm else AlbefBert(config)
+        self.text_encoder_m: Any = BertForMaskedLM(config) if opts.mlm else AlbefBert(config)
         self.text_proj_m = nn.Linear(config.hidden_size, config.embed_dim)
         self.copy_params()
 

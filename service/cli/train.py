@@ -43,10 +43,16 @@ def load_pairs(path: Path, image_root: Path | None, image_size: int, limit: int 
         if not isinstance(e, dict) or "image" not in e or "caption" not in e:
             continue
         caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-        rec = by_image.setdefault(e["image"], {"captions": [], "group": e.get("group"), "objects": e.get("objects")})
+        rec = by_image.setdefault(
+            e["image"], {"captions": [], "group": e.get("group"), "objects": e.get("objects")}
+        )
         rec["captions"] += [c for c in caps if isinstance(c, str) and c.strip()]
     keys = list(by_image)[: limit or None]
-    images, captions, image_of, groups, objects = [], [], [], [], []
+    images: list[torch.Tensor] = []
+    captions: list[str] = []
+    image_of: list[int] = []
+    groups: list[Any] = []
+    objects: list[Any] = []
     skipped = 0
     for key in keys:
         rec = by_image[key]
@@ -74,7 +80,9 @@ def load_pairs(path: Path, image_root: Path | None, image_size: int, limit: int 
     if skipped:
         log.warning("%d unreadable images skipped", skipped)
     has_groups = all(g is not None for g in groups)
-    data = PairData(torch.stack(images), captions, image_of, groups=[int(g) for g in groups] if has_groups else None)
+    data = PairData(
+        torch.stack(images), captions, image_of, groups=[int(g) for g in groups] if has_groups else None
+    )
     if all(o is not None for o in objects):
         _attach_scene_functions(data, objects)
     return data
@@ -116,8 +124,12 @@ def _concept_groups(tok: Any) -> tuple[tuple[int, ...], ...]:
 
 def train(
     data: Path = typer.Option(..., "--data", help="Karpathy-style JSON of training pairs."),
-    image_root: Path | None = typer.Option(None, "--image-root", help="Folder the JSON's image paths are under."),
-    val: Path | None = typer.Option(None, "--val", help="Karpathy-style JSON for the end-of-epoch evaluation."),
+    image_root: Path | None = typer.Option(
+        None, "--image-root", help="Folder the JSON's image paths are under."
+    ),
+    val: Path | None = typer.Option(
+        None, "--val", help="Karpathy-style JSON for the end-of-epoch evaluation."
+    ),
     arch: str = typer.Option("albef", "--arch", help="albef | clip"),
     model_config: str = typer.Option(
         "tiny", "--model-config", help="ALBEF: config name or config.json; CLIP: open_clip config JSON."
@@ -134,20 +146,31 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pth."),
     device: str = typer.Option("cpu", "--device"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast, GPU only)."),
-    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop (and checkpoint) after this long."),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Stop (and checkpoint) after this long."
+    ),
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N optimizer steps."),
     seed: int = typer.Option(0, "--seed"),
     mlm: bool = typer.Option(True, "--mlm/--no-mlm", help="ALBEF: masked language modelling."),
-    concept_mask: float = typer.Option(0.5, "--concept-mask", help="ALBEF MLM: share of captions whose colour "
-                                       "/ shape / relation words are all masked together."),
+    concept_mask: float = typer.Option(
+        0.5,
+        "--concept-mask",
+        help="ALBEF MLM: share of captions whose colour / shape / relation words are all masked together.",
+    ),
     perturb_negatives: bool = typer.Option(True, "--perturb-negatives/--no-perturb-negatives"),
-    group_mix: float = typer.Option(0.0, "--group-mix", help="Share of each batch filled with group siblings."),
+    group_mix: float = typer.Option(
+        0.0, "--group-mix", help="Share of each batch filled with group siblings."
+    ),
     group_mix_after: float = typer.Option(1.0, "--group-mix-after", help="Epochs before --group-mix starts."),
     queue_size: int = typer.Option(4096, "--queue-size"),
     momentum: float = typer.Option(0.995, "--momentum", help="ALBEF: momentum-encoder EMA factor."),
-    itm_balance: bool = typer.Option(False, "--itm-balance/--no-itm-balance", help="ALBEF: weight ITM classes equally."),
+    itm_balance: bool = typer.Option(
+        False, "--itm-balance/--no-itm-balance", help="ALBEF: weight ITM classes equally."
+    ),
     time_schedule: bool = typer.Option(False, "--time-schedule", help="Anneal the LR over --max-minutes."),
-    mlm_distill: bool = typer.Option(True, "--mlm-distill/--no-mlm-distill", help="ALBEF: distil MLM from the momentum model."),
+    mlm_distill: bool = typer.Option(
+        True, "--mlm-distill/--no-mlm-distill", help="ALBEF: distil MLM from the momentum model."
+    ),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N images (smoke runs)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
     eval_images: int = typer.Option(500, "--eval-images"),
@@ -186,14 +209,19 @@ def train(
     torch.manual_seed(seed)
     dev = torch.device(device)
     if arch == "albef":
-        arch_obj, size = _build_albef(model_config, vocab, mlm, concept_mask, queue_size, dev, opts, mlm_distill, momentum, itm_balance)
+        arch_obj, size = _build_albef(
+            model_config, vocab, mlm, concept_mask, queue_size, dev, opts, mlm_distill, momentum, itm_balance
+        )
     else:
         arch_obj, size = _build_clip(model_config, dev, opts)
     t0 = time.monotonic()
     train_data = load_pairs(data, image_root, size, limit)
     val_data = load_pairs(val, None, size, None) if val is not None else None
     log.info(
-        "loaded %d images / %d captions in %.1fs", train_data.num_images, len(train_data.captions), time.monotonic() - t0
+        "loaded %d images / %d captions in %.1fs",
+        train_data.num_images,
+        len(train_data.captions),
+        time.monotonic() - t0,
     )
     out.mkdir(parents=True, exist_ok=True)
     with Progress(
@@ -211,7 +239,9 @@ def train(
             if "val" in rec:
                 bar.console.print(f"epoch {rec['epoch_done']} val: {json.dumps(rec['val'])}")
                 return
-            losses = " ".join(f"{k}={rec[k]:.3f}" for k in ("loss", "itc", "itm", "mlm", "itm_acc") if k in rec)
+            losses = " ".join(
+                f"{k}={rec[k]:.3f}" for k in ("loss", "itc", "itm", "mlm", "itm_acc") if k in rec
+            )
             bar.update(task, completed=rec["batch"], total=rec["batches"], epoch=rec["epoch"], losses=losses)
 
         trainer = Trainer(arch_obj, train_data, opts, out, val=val_data, progress=progress)
@@ -219,10 +249,24 @@ def train(
             trainer.load_checkpoint(out)
         trainer.train()
     files = arch_obj.save_weights(out, name or f"{arch}")
-    typer.echo(f"trained {trainer.state.step} steps in {time.monotonic() - t0:.0f}s; wrote " + ", ".join(map(str, files)))
+    typer.echo(
+        f"trained {trainer.state.step} steps in {time.monotonic() - t0:.0f}s; wrote "
+        + ", ".join(map(str, files))
+    )
 
 
-def _build_albef(model_config: str, vocab: Path | None, mlm: bool, concept_mask: float, queue_size: int, dev: torch.device, opts: Any, mlm_distill: bool = True, momentum: float = 0.995, itm_balance: bool = False):  # type: ignore[no-untyped-def]
+def _build_albef(
+    model_config: str,
+    vocab: Path | None,
+    mlm: bool,
+    concept_mask: float,
+    queue_size: int,
+    dev: torch.device,
+    opts: Any,
+    mlm_distill: bool = True,
+    momentum: float = 0.995,
+    itm_balance: bool = False,
+):  # type: ignore[no-untyped-def]
     from models.albef.config import get_albef_config
     from models.albef.training import AlbefForTraining, AlbefTrainingOptions
     from models.text import AlbefTokenizer

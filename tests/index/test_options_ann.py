@@ -101,22 +101,22 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     [
         ("Flat", 0.999),
         ("HNSW32", 0.95),
-        ("IVF64,Flat", 0.9),
-        ("IVF64,PQ16x8,RFlat", 0.9),
-        ("IVF64,PQ16x8,Refine(SQ8)", 0.6),
-        ("IVF64,PQ16x8", 0.4),
+        ("IVF32,Flat", 0.9),
+        ("IVF32,PQ8x6,RFlat", 0.9),
+        ("IVF32,PQ8x6,Refine(SQ8)", 0.6),
+        ("IVF32,PQ8x6", 0.15),  # codes only: approximate, but far above chance (10/6000)
     ],
 )
 def test_index_types_build_and_search_with_sane_recall(key: str, min_recall: float, tmp_path: Path) -> None:
-    data = clustered(12_050, 32, seed=1)  # queries drawn around the same centres as the data
-    x, q = data[:12_000], data[12_000:]
+    data = clustered(6_050, 16, seed=1)  # queries drawn around the same centres as the data
+    x, q = data[:6_000], data[6_000:]
     truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
-    opts = IndexOptions(ivf_nprobe=16, hnsw_ef_search=64, refine_k_factor=16)
+    opts = IndexOptions(ivf_nprobe=8, hnsw_ef_search=64, refine_k_factor=16)
     index = build_index(x, key, opts)
     assert index.ntotal == len(x)
     # round trip through a file, memory-mapped
     save_index(index, tmp_path / "ix.faiss")
-    loaded = load_index(tmp_path / "ix.faiss", key, IndexOptions(mmap=True, ivf_nprobe=16, hnsw_ef_search=64, refine_k_factor=16))
+    loaded = load_index(tmp_path / "ix.faiss", key, IndexOptions(mmap=True, ivf_nprobe=8, hnsw_ef_search=64, refine_k_factor=16))
     ex = get_executor(opts)
     handle = ex.prepare(loaded, opts)
     _, found = ex.search(handle, q, 10, opts)
@@ -126,9 +126,9 @@ def test_index_types_build_and_search_with_sane_recall(key: str, min_recall: flo
 
 
 def test_build_index_trains_on_a_sample(tmp_path: Path) -> None:
-    x = clustered(12_000, 16, seed=3)
+    x = clustered(5_000, 16, seed=3)
     index = build_index(x, "IVF32,Flat", IndexOptions(train_sample=2_000))
-    assert index.is_trained and index.ntotal == 12_000
+    assert index.is_trained and index.ntotal == 5_000
 
 
 def test_executor_runs_on_cpu_without_gpu() -> None:

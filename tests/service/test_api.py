@@ -187,6 +187,9 @@ def test_collections_and_items_read(client: TestClient) -> None:
     assert item["uri"] == items[0]["uri"]
     _err(client.get("/v1/collections/plain/items/999999"), 404)
     _err(client.get("/v1/collections/plain/items/abc"), 422)
+    _err(client.get("/v1/collections/plain/items/99999999999999999999999"), 422)
+    _err(client.delete("/v1/collections/plain/items/-1"), 422)
+    _err(client.get("/v1/collections/plain/items", params={"offset": 10**30}), 422)
 
 
 def test_thumbnail(client: TestClient) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -29,6 +29,8 @@ from ..schemas import (
 )
 from .search import read_upload
 
+ItemId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Item id")]
+
 router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=ERROR_RESPONSES)
 
 
@@ -51,7 +53,7 @@ def list_items(
     name: str,
     engine: EngineDep,
     kind: Modality | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ItemsOut:
     items = engine.list_items(name, kind=kind, offset=offset, limit=limit)
@@ -59,7 +61,7 @@ def list_items(
 
 
 @router.get("/{name}/items/{item_id}", response_model=ItemOut, dependencies=[ReadAuth], summary="One item")
-def get_item(name: str, item_id: int, engine: EngineDep) -> ItemOut:
+def get_item(name: str, item_id: ItemId, engine: EngineDep) -> ItemOut:
     return ItemOut.model_validate(engine.get_item(name, item_id))
 
 
@@ -73,7 +75,7 @@ def get_item(name: str, item_id: int, engine: EngineDep) -> ItemOut:
     summary="Thumbnail of an image item (its own stored file only)",
 )
 def thumbnail(
-    name: str, item_id: int, engine: EngineDep, size: Annotated[int | None, Query(ge=16, le=1024)] = None
+    name: str, item_id: ItemId, engine: EngineDep, size: Annotated[int | None, Query(ge=16, le=1024)] = None
 ) -> Response:
     data = engine.thumbnail(name, item_id, size)
     return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
@@ -187,5 +189,5 @@ async def add_items(name: str, request: Request, engine: EngineDep, settings: Se
 @router.delete(
     "/{name}/items/{item_id}", response_model=DeleteOut, dependencies=[WriteAuth], summary="Delete an item"
 )
-async def delete_item(name: str, item_id: int, engine: EngineDep) -> DeleteOut:
+async def delete_item(name: str, item_id: ItemId, engine: EngineDep) -> DeleteOut:
     return DeleteOut.model_validate(await engine.delete_item(name, item_id))

@@ -23,6 +23,7 @@ router = APIRouter(prefix="/v1/search", tags=["search"], dependencies=[ReadAuth]
 def _decode_b64(data: str, max_bytes: int) -> bytes:
     if data.startswith("data:"):
         _, _, data = data.partition(",")
+    data = "".join(data.split())  # MIME-style line breaks are fine
     if len(data) > math.ceil(max_bytes / 3) * 4 + 4:
         raise PayloadTooLargeError(
             f"image is over the limit of {max_bytes} bytes", detail={"max_bytes": max_bytes}

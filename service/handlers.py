@@ -1,0 +1,189 @@
+"""What the device workers run: batched handlers over one model each, and their payload types.
+
+The dual encoder's handlers encode text and image batches; the cross-encoder's handler scores the pairs of
+several requests in one forward (one text tower pass over every query, one vision pass over every image that
+is not cached, the pairs in chunks of ``max_pairs``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.base import CrossEncoder, DualEncoder, ImageStates
+
+BULK_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    """The pairs of one request: ``texts`` is 1 text (broadcast over the images) or one per pair;
+    images are ``tokens`` (fp16 [a, L, D], from a cache) followed by ``pixels`` ([b, 3, H, W], recomputed)."""
+
+    texts: tuple[str, ...]
+    tokens: torch.Tensor | None
+    pixels: torch.Tensor | None
+
+    @property
+    def n_images(self) -> int:
+        return (0 if self.tokens is None else len(self.tokens)) + (
+            0 if self.pixels is None else len(self.pixels)
+        )
+
+    @property
+    def n_pairs(self) -> int:
+        return max(len(self.texts), self.n_images)
+
+
+@dataclass(frozen=True)
+class RerankOut:
+    logit: np.ndarray
+    prob: np.ndarray
+    new_tokens: torch.Tensor | None  # fp16 tokens computed from ``pixels`` (to cache), else None
+
+
+def _split_rows(arr: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(arr[start : start + n])
+        start += n
+    return out
+
+
+class DualHandlers:
+    def __init__(self, model: DualEncoder) -> None:
+        self.model = model
+
+    def texts(self, payloads: list[Any]) -> list[np.ndarray]:
+        texts: list[str] = [t for p in payloads for t in p]
+        vecs = np.concatenate(
+            [
+                self.model.encode_texts(texts[i : i + BULK_CHUNK * 4])
+                for i in range(0, len(texts), BULK_CHUNK * 4)
+            ]
+        )
+        return _split_rows(vecs, [len(p) for p in payloads])
+
+    def images(self, payloads: list[Any]) -> list[np.ndarray]:
+        pixels = torch.cat(payloads)
+        vecs = np.concatenate(
+            [self.model.encode_images(pixels[i : i + BULK_CHUNK]) for i in range(0, len(pixels), BULK_CHUNK)]
+        )
+        return _split_rows(vecs, [len(p) for p in payloads])
+
+
+class CrossHandlers:
+    def __init__(self, model: CrossEncoder, max_pairs: int) -> None:
+        self.model = model
+        self.max_pairs = max_pairs
+
+    @torch.inference_mode()
+    def tokens(self, payloads: list[Any]) -> list[np.ndarray]:
+        """Vision tokens (fp16) of pixel batches: what the feature cache stores."""
+        pixels = torch.cat(payloads)
+        parts = [
+            self.model.image_states(pixels[i : i + BULK_CHUNK]).tokens.to("cpu", torch.float16)
+            for i in range(0, len(pixels), BULK_CHUNK)
+        ]
+        return _split_rows(torch.cat(parts).numpy(), [len(p) for p in payloads])
+
+    def _score_chunks(self, text_idx: torch.Tensor, img_idx: torch.Tensor, ts: Any, st: ImageStates) -> Any:
+        logits, probs = [], []
+        for a in range(0, len(text_idx), self.max_pairs):
+            b = a + self.max_pairs
+            out = self.model.score(ts.select(text_idx[a:b]), st.select(img_idx[a:b]))
+            logits.append(np.asarray(out.logit, dtype=np.float32))
+            probs.append(np.asarray(out.prob, dtype=np.float32))
+        return np.concatenate(logits), np.concatenate(probs)
+
+    @torch.inference_mode()
+    def rerank(self, payloads: list[Any]) -> list[RerankOut]:
+        jobs: list[RerankJob] = payloads
+        model = self.model
+        dev = model.device
+        # 1. every text of every job through the text tower at once
+        all_texts = [t for j in jobs for t in j.texts]
+        ts = model.text_states(all_texts)
+        # 2. images: recompute tokens from pixels in one vision pass, rounded to fp16 like the cache so a
+        #    candidate scores the same whichever way its states arrived
+        pix = [j.pixels for j in jobs if j.pixels is not None]
+        new_tok: torch.Tensor | None = None
+        if pix:
+            pixels = torch.cat(pix)
+            new_tok = torch.cat(
+                [
+                    model.image_states(pixels[i : i + BULK_CHUNK]).tokens.to(torch.float16)
+                    for i in range(0, len(pixels), BULK_CHUNK)
+                ]
+            )
+        parts: list[torch.Tensor] = []
+        new_sizes: list[int] = []
+        pix_off = 0
+        for j in jobs:
+            if j.tokens is not None:
+                parts.append(j.tokens.to(dev, torch.float16))
+            if j.pixels is not None:
+                assert new_tok is not None
+                parts.append(new_tok[pix_off : pix_off + len(j.pixels)].to(dev))
+                pix_off += len(j.pixels)
+            new_sizes.append(0 if j.pixels is None else len(j.pixels))
+        states = model.image_states_from_tokens(torch.cat(parts))
+        # 3. pair indices (one text broadcast over many images, or one image over many texts)
+        text_idx: list[torch.Tensor] = []
+        img_idx: list[torch.Tensor] = []
+        t_off = i_off = 0
+        for j in jobs:
+            n = j.n_pairs
+            nt, ni = len(j.texts), j.n_images
+            text_idx.append(torch.full((n,), t_off) if nt == 1 else torch.arange(t_off, t_off + nt))
+            img_idx.append(torch.full((n,), i_off) if ni == 1 else torch.arange(i_off, i_off + ni))
+            t_off += nt
+            i_off += ni
+        logit, prob = self._score_chunks(torch.cat(text_idx), torch.cat(img_idx), ts, states)
+        outs: list[RerankOut] = []
+        off = p_off = 0
+        cpu_new = None if new_tok is None else new_tok.to("cpu")
+        for j, ns in zip(jobs, new_sizes, strict=True):
+            n = j.n_pairs
+            nt_ = None if cpu_new is None or ns == 0 else cpu_new[p_off : p_off + ns]
+            p_off += ns
+            outs.append(RerankOut(logit[off : off + n].copy(), prob[off : off + n].copy(), nt_))
+            off += n
+        return outs
+
+
+class TokenLRU:
+    """Recomputed rerank image tokens (fp16, CPU) kept in memory, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[tuple[str, int, str], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, str]) -> torch.Tensor | None:
+        with self._lock:
+            t = self._data.get(key)
+            if t is not None:
+                self._data.move_to_end(key)
+            return t
+
+    def put(self, key: tuple[str, int, str], value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old.numel() * old.element_size()
+            self._data[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._data:
+                _, ev = self._data.popitem(last=False)
+                self._bytes -= ev.numel() * ev.element_size()
