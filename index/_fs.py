@@ -150,3 +150,16 @@ class WriterLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    @property
+    def fd(self) -> int | None:
+        """The locked descriptor (forked children must close it: see :func:`close_inherited_lock`)."""
+        return self._fd
+
+
+def close_inherited_lock(fd: int | None) -> None:
+    """In a forked child (e.g. a DataLoader worker): close the parent's lock descriptor, so the flock dies
+    with the parent even while the child lives on for a moment."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -118,8 +118,9 @@ def _no_polysemous(index: Any) -> None:
 
 
 def _find_hnsw(index: Any) -> Any:
+    idx: Any = faiss.downcast_index(index)
     try:
-        return faiss.downcast_index(index).hnsw
+        return idx.hnsw
     except AttributeError:
         return None
 
@@ -145,14 +146,15 @@ def load_index(path: Path, key: str, options: IndexOptions) -> Any:
 
 def search_params(index: Any, k: int, options: IndexOptions) -> Any:
     """Per-call search parameters (thread-safe: the index is not mutated) for HNSW / IVF / refine indexes."""
-    idx = faiss.downcast_index(index)
+    fx: Any = faiss  # the SWIG classes take keyword arguments that the stubs do not declare
+    idx: Any = faiss.downcast_index(index)
     if isinstance(idx, faiss.IndexRefine):
         base = search_params(idx.base_index, k, options)
-        return faiss.IndexRefineSearchParameters(k_factor=options.refine_k_factor, base_index_params=base)
+        return fx.IndexRefineSearchParameters(k_factor=options.refine_k_factor, base_index_params=base)
     if isinstance(idx, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(efSearch=max(options.hnsw_ef_search, k))
+        return fx.SearchParametersHNSW(efSearch=max(options.hnsw_ef_search, k))
     if isinstance(idx, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=min(options.ivf_nprobe, idx.nlist))
+        return fx.SearchParametersIVF(nprobe=min(options.ivf_nprobe, idx.nlist))
     return None
 
 

@@ -5,6 +5,7 @@ already committed are skipped before decoding/encoding."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.base import CrossEncoder, DualEncoder, ImageTransform
 from models.errors import ConflictError, InvalidInputError, NotFoundError
 
+from ._fs import close_inherited_lock
 from .collection import Collection, CollectionWriter, ShaLookup, is_collection
 from .options import IndexOptions
 from .sources import Source, SourceItem, text_sha256
@@ -46,6 +48,7 @@ class BuildOptions:
 
     ``commit_every``: commit a new version after at least this many added items (0 = only at the end).
     ``rerank_cache``: also store the cross-encoder's image tokens (needs ``cross_encoder``).
+    ``merge_at_end``: merge the segments this run committed into one (O(items added), no re-encoding).
     ``draft``: let PIL decode JPEGs at reduced size (``Image.draft``) when they are much bigger than the
     model input. ``progress``: show a rich progress bar (items/s, ETA).
     """
@@ -57,6 +60,7 @@ class BuildOptions:
     rerank_cache: bool = False
     progress: bool = True
     draft: bool = True
+    merge_at_end: bool = True
     max_image_pixels: int = 64_000_000
     prefetch_factor: int = 2
 
@@ -149,7 +153,7 @@ class _ItemDataset(Dataset[_Record]):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
+                img: Image.Image = Image.open(io.BytesIO(data))
                 w, h = img.size
                 if w * h > self.max_pixels:
                     return _Record(i, "image", "failed", sha, f"image too large ({w}x{h} pixels)")
@@ -183,8 +187,9 @@ def _collate(records: list[_Record]) -> _Batch:
     return _Batch(records, stacked)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(lock_fd: int | None, _: int) -> None:
     torch.set_num_threads(1)
+    close_inherited_lock(lock_fd)  # a SIGKILLed build must not leave its lock held by its workers
 
 
 def _spans(items: Sequence[SourceItem], images_per_batch: int, max_items: int) -> list[list[int]]:
@@ -270,6 +275,12 @@ def build_collection(
     cross = cross_encoder if opts.rerank_cache else None
     with CollectionWriter(root, opts.index) as writer:
         writer.check_encoder(encoder.info)
+        wanted_key = opts.index.index_key
+        if wanted_key is not None and wanted_key.strip() != (writer.manifest.index_key or ""):
+            raise InvalidInputError(
+                f"--index-key: collection {root} uses index key {writer.manifest.index_key or 'auto'!r}; "
+                f"change it with `alignfuse compact {root} --index-key {wanted_key}`"
+            )
         if cross is not None and writer.manifest.reranker is not None:
             writer.manifest.reranker.check(cross.info, what="reranker", collection=str(root))
         return _run(root, items, failed, encoder, cross, writer, opts, t0)
@@ -297,10 +308,11 @@ def _run(
         batch_sampler=spans,
         num_workers=opts.num_workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if opts.num_workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, writer.lock_fd) if opts.num_workers > 0 else None,
         prefetch_factor=opts.prefetch_factor if opts.num_workers > 0 else None,
         persistent_workers=False,
     )
+    start_version = writer.base_version
     added_images = added_texts = skipped = features_added = 0
     commits = 0
     since_commit = 0
@@ -370,6 +382,9 @@ def _run(
         if writer.pending:
             writer.commit()
             commits += 1
+    ours = [sg.id for sg in writer.manifest.segments if sg.version > start_version]
+    if opts.merge_at_end and len(ours) > 1:
+        writer.merge(ours)
     version = writer.base_version
     seconds = time.perf_counter() - t0
     report = BuildReport(

@@ -798,6 +798,11 @@ class CollectionWriter:
         return self._root
 
     @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the writer lock (forked worker processes close it)."""
+        return self._lock.fd
+
+    @property
     def manifest(self) -> Manifest:
         """The last committed manifest."""
         return self._manifest
@@ -976,8 +981,15 @@ class CollectionWriter:
         return choose_index_key(total, self.dim, self._options.memory_budget_bytes)
 
     def _finish_segment(
-        self, seg: _StagedSegment, version: int, override: str | None = None, merged: bool = False
+        self,
+        seg: _StagedSegment,
+        version: int,
+        override: str | None = None,
+        totals: dict[str, int] | None = None,
     ) -> SegmentRecord:
+        """Close the staged files, build each modality's FAISS index, fsync. The automatic index key is
+        chosen from ``totals[kind]`` (the collection's size after this change), then downgraded to Flat when
+        this segment is too small to train it."""
         parts: list[tuple[Kind, ModalityPart]] = []
         for kind in KINDS:
             if kind not in seg.vecs:
@@ -985,7 +997,7 @@ class CollectionWriter:
             seg.vecs[kind].close()
             seg.ids[kind].close()
             n = seg.vecs[kind].rows
-            total = n if merged else n + sum(s.count(kind) for s in self._manifest.segments)
+            total = (totals or {}).get(kind, n)
             key = effective_index_key(self._key_for(kind, total, override), n, self.dim)
             vectors = np.load(seg.dir / f"{kind}.npy", mmap_mode="r")
             index = build_index(vectors, key, self._options)
@@ -996,6 +1008,22 @@ class CollectionWriter:
         fsync_dir(seg.dir)
         fsync_dir(seg.dir.parent)
         return SegmentRecord(id=seg.name, version=version, parts=tuple(parts))
+
+    def _copy_live(self, seg: _StagedSegment, records: Sequence[SegmentRecord], tomb: np.ndarray) -> None:
+        """Append the non-tombstoned rows of ``records`` to ``seg``, block by block (bounded memory)."""
+        for rec in records:
+            d = self._root / "segments" / rec.id
+            for kind, part in rec.parts:
+                if part.count == 0:
+                    continue
+                ids = np.load(d / f"{kind}.ids.npy").astype(np.int64, copy=False)
+                vecs = np.load(d / f"{kind}.npy", mmap_mode="r")
+                keep = ~np.isin(ids, tomb) if len(tomb) else np.ones(len(ids), bool)
+                for start in range(0, len(ids), _BLOCK):
+                    sl = slice(start, start + _BLOCK)
+                    k = keep[sl]
+                    if k.any():
+                        seg.append(kind, ids[sl][k], np.asarray(vecs[sl])[k])
 
     def _load_tombstones(self) -> np.ndarray:
         if not self._manifest.tombstones:
@@ -1011,7 +1039,8 @@ class CollectionWriter:
         v = m.version + 1
         segments = m.segments
         if self._seg is not None and self._seg.rows() > 0:
-            segments = (*segments, self._finish_segment(self._seg, v))
+            totals = {k: a.rows + sum(r.count(k) for r in m.segments) for k, a in self._seg.vecs.items()}
+            segments = (*segments, self._finish_segment(self._seg, v, totals=totals))
         elif self._seg is not None:
             self._seg.abort()
         tomb_path, tomb_count = m.tombstones, m.tombstone_count
@@ -1068,23 +1097,11 @@ class CollectionWriter:
         tomb = self._load_tombstones()
         seg = _StagedSegment(self._root, _seg_name(v), self.dim)
         try:
-            for rec in m.segments:
-                d = self._root / "segments" / rec.id
-                for kind, part in rec.parts:
-                    if part.count == 0:
-                        continue
-                    ids = np.load(d / f"{kind}.ids.npy").astype(np.int64, copy=False)
-                    vecs = np.load(d / f"{kind}.npy", mmap_mode="r")
-                    keep = ~np.isin(ids, tomb) if len(tomb) else np.ones(len(ids), bool)
-                    for start in range(0, len(ids), _BLOCK):
-                        sl = slice(start, start + _BLOCK)
-                        k = keep[sl]
-                        if k.any():
-                            seg.append(kind, ids[sl][k], np.asarray(vecs[sl])[k])
+            self._copy_live(seg, m.segments, tomb)
             key = index_key or m.index_key
             segments: tuple[SegmentRecord, ...] = ()
             if seg.rows() > 0:
-                segments = (self._finish_segment(seg, v, override=key, merged=True),)
+                segments = (self._finish_segment(seg, v, override=key),)
             else:
                 seg.abort()
             features = self._compact_features(m, tomb, v)
@@ -1112,6 +1129,44 @@ class CollectionWriter:
             len(segments),
             len(tomb),
         )
+        return v
+
+    def merge(self, segment_ids: Sequence[str]) -> int:
+        """Commit staged changes, then merge the named segments into one (their tombstoned rows dropped;
+        cost proportional to their size, not the collection's). The builder merges the segments of its
+        periodic commits this way. Tombstones and the feature cache are left to :meth:`compact`.
+        Returns the new version (the current one when fewer than two segments are named)."""
+        self.commit()
+        m = self._manifest
+        wanted = set(segment_ids)
+        unknown = wanted - {s.id for s in m.segments}
+        if unknown:
+            raise NotFoundError(f"no segments {sorted(unknown)} in collection {self._root}")
+        chosen = [s for s in m.segments if s.id in wanted]
+        if len(chosen) < 2:
+            return m.version
+        v = m.version + 1
+        seg = _StagedSegment(self._root, _seg_name(v), self.dim)
+        try:
+            self._copy_live(seg, chosen, self._load_tombstones())
+            rest = [s for s in m.segments if s.id not in wanted]
+            totals = {k: a.rows + sum(r.count(k) for r in rest) for k, a in seg.vecs.items()}
+            merged = self._finish_segment(seg, v, totals=totals) if seg.rows() else None
+        except BaseException:
+            seg.abort()
+            raise
+        if merged is None:
+            seg.abort()
+        first = m.segments.index(chosen[0])
+        segments = [s for s in m.segments[:first] if s.id not in wanted]
+        segments += [merged] if merged is not None else []
+        segments += [s for s in m.segments[first:] if s.id not in wanted]
+        new = m.with_(version=v, segments=tuple(segments), committed_at=time.time())
+        _write_manifest(self._root, new)
+        self._manifest = new
+        self._reset_staged()
+        self._gc()
+        log.info("merged %d segments of %s into %s (version %d)", len(chosen), self._root, seg.name, v)
         return v
 
     def _compact_features(self, m: Manifest, tomb: np.ndarray, v: int) -> FeaturesRecord | None:

@@ -112,7 +112,7 @@ class SegmentRecord:
                 return p
         return None
 
-    def count(self, kind: Kind | None = None) -> int:
+    def count(self, kind: str | None = None) -> int:
         return sum(p.count for k, p in self.parts if kind is None or k == kind)
 
     def to_json(self) -> dict[str, Any]:

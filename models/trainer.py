@@ -117,6 +117,7 @@ class TrainOptions:
     precision: Literal["fp32", "bf16"] = "fp32"
     #: ITM extra negatives from caption perturbation (when the data has ``perturb``)
     perturb_negatives: bool = True
+    perturb_count: int = 1  # perturbed captions per image and step
     #: after this many epochs, this fraction of each batch are group siblings of other batch images
     group_mix: float = 0.0
     group_mix_after: float = 1.0
@@ -196,9 +197,9 @@ class _Arch:
 
 class AlbefArch(_Arch):
     def __init__(self, model: nn.Module, tokenizer: Any, opts: TrainOptions, device: torch.device) -> None:
-        from models.albef.training import AlbefForTraining
+        from models.albef.model import AlbefModel
 
-        assert isinstance(model, AlbefForTraining)
+        assert isinstance(model, AlbefModel)
         self.model = model
         self.tok = tokenizer
         self.opts = opts
@@ -218,9 +219,14 @@ class AlbefArch(_Arch):
         ids, mask = self._tokens(texts)
         batch = AlbefBatch(data.pixels(images), ids, mask, torch.tensor(images, dtype=torch.long))
         if self.opts.perturb_negatives and data.perturb is not None:
-            negs = [data.perturb(t, i, rng) for t, i in zip(texts, images, strict=True)]
+            negs = [
+                data.perturb(t, i, rng)
+                for _ in range(self.opts.perturb_count)
+                for t, i in zip(texts, images, strict=True)
+            ]
             valid = torch.tensor([n is not None for n in negs])
-            nids, nmask = self._tokens([n if n is not None else t for n, t in zip(negs, texts, strict=True)])
+            fill = texts * self.opts.perturb_count
+            nids, nmask = self._tokens([n if n is not None else t for n, t in zip(negs, fill, strict=True)])
             batch.neg_ids, batch.neg_mask, batch.neg_valid = nids, nmask, valid
         if data.matches is not None:
             m = torch.zeros(len(images), len(images), dtype=torch.bool)
@@ -389,17 +395,27 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    arch: _Arch, data: PairData, max_images: int = 500, rerank_k: int = 8, seed: int = 0
+    arch: _Arch,
+    data: PairData,
+    max_images: int = 500,
+    rerank_k: int = 8,
+    seed: int = 0,
+    dual: _Arch | None = None,
 ) -> EvalResult:
-    """Retrieval and ITM diagnostics on (the first ``max_images`` images of) ``data``."""
+    """Retrieval and ITM diagnostics on (the first ``max_images`` images of) ``data``.
+
+    The ITC numbers and the rerank candidates come from ``dual`` when given (e.g. a CLIP as stage 1 and
+    ``arch``'s ITM head as stage 2), else from ``arch``'s own ITC embeddings."""
     was_training = arch.model.training
     arch.model.eval()
+    if dual is not None:
+        dual.model.eval()
     try:
         n_img = min(max_images, data.num_images)
         imgs = list(range(n_img))
         caps = [k for i in imgs for k in data.captions_of[i]]
         cap_img = torch.tensor([data.image_of[k] for k in caps])
-        img_e, txt_e = arch.embed(data, imgs, caps)
+        img_e, txt_e = (dual or arch).embed(data, imgs, caps)
         sims = img_e @ txt_e.T  # [images, captions]
         # TR: best of an image's captions at rank 1; IR: a caption's image at rank 1
         tr_top = sims.argmax(dim=1)

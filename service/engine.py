@@ -439,7 +439,7 @@ class SearchEngine:
                 f"k must be in [1, {lim.max_k}], got {req.k}",
                 detail={"field": "k", "min": 1, "max": lim.max_k},
             )
-        cand = lim.default_candidates if req.candidates is None else req.candidates
+        cand = min(lim.default_candidates, lim.max_candidates) if req.candidates is None else req.candidates
         if not 1 <= cand <= lim.max_candidates:
             raise InvalidInputError(
                 f"candidates must be in [1, {lim.max_candidates}], got {cand}",

@@ -92,6 +92,8 @@ def response_for(exc: AlignfuseError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if status == 500:
         log.error("%s: %s", type(exc).__name__, exc.message)
+    elif isinstance(exc, NotReadyError):
+        log.debug("%s: %s", type(exc).__name__, exc.message)
     elif status > 500:
         log.warning("%s: %s", type(exc).__name__, exc.message)
     return JSONResponse(

@@ -134,27 +134,46 @@ class CrossHandlers:
                 pix_off += len(j.pixels)
             new_sizes.append(0 if j.pixels is None else len(j.pixels))
         states = model.image_states_from_tokens(torch.cat(parts))
-        # 3. pair indices (one text broadcast over many images, or one image over many texts)
+        # 3. pairs. Jobs with one text and many images (text→image) are merged into one aligned forward
+        #    (the query's text states are small to repeat); a job with one image and many texts
+        #    (image→text) is scored with the image broadcast, never copying its states per pair.
+        scored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         text_idx: list[torch.Tensor] = []
         img_idx: list[torch.Tensor] = []
+        aligned: list[tuple[int, int]] = []
         t_off = i_off = 0
-        for j in jobs:
+        for n_job, j in enumerate(jobs):
             n = j.n_pairs
             nt, ni = len(j.texts), j.n_images
-            text_idx.append(torch.full((n,), t_off) if nt == 1 else torch.arange(t_off, t_off + nt))
-            img_idx.append(torch.full((n,), i_off) if ni == 1 else torch.arange(i_off, i_off + ni))
+            if ni == 1 and nt > 1:
+                image = states.select([i_off])
+                parts_l, parts_p = [], []
+                for a in range(0, nt, self.max_pairs):
+                    idx = torch.arange(t_off + a, t_off + min(nt, a + self.max_pairs))
+                    out = model.score(ts.select(idx), image)
+                    parts_l.append(np.asarray(out.logit, dtype=np.float32))
+                    parts_p.append(np.asarray(out.prob, dtype=np.float32))
+                scored[n_job] = (np.concatenate(parts_l), np.concatenate(parts_p))
+            else:
+                text_idx.append(torch.full((n,), t_off) if nt == 1 else torch.arange(t_off, t_off + nt))
+                img_idx.append(torch.full((n,), i_off) if ni == 1 else torch.arange(i_off, i_off + ni))
+                aligned.append((n_job, n))
             t_off += nt
             i_off += ni
-        logit, prob = self._score_chunks(torch.cat(text_idx), torch.cat(img_idx), ts, states)
+        if aligned:
+            logit, prob = self._score_chunks(torch.cat(text_idx), torch.cat(img_idx), ts, states)
+            off = 0
+            for n_job, n in aligned:
+                scored[n_job] = (logit[off : off + n], prob[off : off + n])
+                off += n
         outs: list[RerankOut] = []
-        off = p_off = 0
+        p_off = 0
         cpu_new = None if new_tok is None else new_tok.to("cpu")
-        for j, ns in zip(jobs, new_sizes, strict=True):
-            n = j.n_pairs
+        for n_job, ns in enumerate(new_sizes):
             nt_ = None if cpu_new is None or ns == 0 else cpu_new[p_off : p_off + ns]
             p_off += ns
-            outs.append(RerankOut(logit[off : off + n].copy(), prob[off : off + n].copy(), nt_))
-            off += n
+            lg, pr = scored[n_job]
+            outs.append(RerankOut(lg.copy(), pr.copy(), nt_))
         return outs
 
 

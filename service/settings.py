@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.base import Precision
@@ -50,7 +50,8 @@ class BatchingSettings(_Section):
 
 
 class LimitSettings(_Section):
-    """Input limits. Violations are client errors (4xx), never 500."""
+    """Input limits. Violations are client errors (4xx), never 500. ``default_candidates`` is capped by
+    ``max_candidates``."""
 
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -63,12 +64,6 @@ class LimitSettings(_Section):
     default_candidates: int = Field(default=128, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0.0)
     thumbnail_size: int = Field(default=256, ge=16, le=1024)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> LimitSettings:
-        if self.default_candidates > self.max_candidates:
-            raise ValueError("default_candidates must not exceed max_candidates")
-        return self
 
 
 class ServerSettings(_Section):

@@ -75,8 +75,8 @@ class AlbefBatch:
     """One training batch. ``idx`` identifies the *image* of each pair (same idx = same image, so its other
     captions are positives, never negatives). Optional:
 
-    ``neg_ids``/``neg_mask``/``neg_valid``: one perturbed (false) caption per image, an extra ITM negative
-    where ``neg_valid``; ``match``: [B, B] bool, ``match[i, j]`` = caption i is also true of image j (never
+    ``neg_ids``/``neg_mask``/``neg_valid``: perturbed (false) captions, ``P * B`` rows, row ``r`` belonging
+    to image ``r % B``: extra ITM negatives where ``neg_valid``; ``match``: [B, B] bool, ``match[i, j]`` = caption i is also true of image j (never
     sampled as an ITM negative; the diagonal is implied).
     """
 
@@ -347,15 +347,17 @@ class AlbefForTraining(AlbefModel):
         parts = [out_pos, out_neg]
         n_pert = 0
         if batch.neg_ids is not None and batch.neg_mask is not None:
+            rows = batch.neg_ids.shape[0]  # P * B: row r is a false caption of image r % B
             valid = (
                 batch.neg_valid.bool()
                 if batch.neg_valid is not None
-                else torch.ones(b, dtype=torch.bool, device=batch.ids.device)
+                else torch.ones(rows, dtype=torch.bool, device=batch.ids.device)
             )
             if bool(valid.any()):
                 sel = valid.nonzero().squeeze(1)
+                owner = sel % b
                 pert_states = self.text_states(batch.neg_ids[sel], batch.neg_mask[sel])
-                kv_p = tuple((k[sel], v[sel]) for k, v in kv)
+                kv_p = tuple((k[owner], v[owner]) for k, v in kv)
                 parts.append(self.fuse(pert_states, batch.neg_mask[sel], None, kv_p)[:, 0, :])
                 n_pert = int(sel.numel())
         logits = self.itm_head(torch.cat(parts, dim=0))

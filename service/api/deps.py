@@ -14,18 +14,18 @@ from ..metrics import Metrics
 from ..settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The settings the app was created with (override with ``app.dependency_overrides`` in tests)."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_engine(request: Request) -> SearchEngine:
+async def get_engine(request: Request) -> SearchEngine:
     engine: SearchEngine = request.app.state.engine
     return engine
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
@@ -47,13 +47,13 @@ def _check_key(request: Request, settings: Settings) -> None:
         raise UnauthorizedError("wrong API key")
 
 
-def require_read(request: Request, settings: SettingsDep) -> None:
+async def require_read(request: Request, settings: SettingsDep) -> None:
     """Reads need the key only when ``require_key_for_reads`` is on."""
     if settings.require_key_for_reads:
         _check_key(request, settings)
 
 
-def require_write(request: Request, settings: SettingsDep) -> None:
+async def require_write(request: Request, settings: SettingsDep) -> None:
     """Writes need the key whenever one is configured."""
     _check_key(request, settings)
 

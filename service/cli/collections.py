@@ -71,17 +71,15 @@ def _print_report(report: BuildReport, max_failed: int = 20) -> None:
         f"({report.added_images:,} images, {report.added_texts:,} texts), "
         f"skipped {report.skipped_existing:,} already indexed, {len(report.failed):,} failed, "
         f"{report.seconds:.1f}s ({report.items_per_second:,.1f} items/s), {report.commits} commits"
-        + (f", {report.features_added:,} feature rows" if report.features_added else "")
+        + (f", {report.features_added:,} feature rows" if report.features_added else ""),
+        soft_wrap=True,
     )
     if report.failed:
-        table = Table(title=f"failed items ({len(report.failed)})", show_lines=False)
-        table.add_column("path")
-        table.add_column("reason")
+        console.print(f"failed items ({len(report.failed)}):", style="bold yellow")
         for uri, reason in report.failed[:max_failed]:
-            table.add_row(uri, reason)
+            console.print(f"  {uri}: {reason}", soft_wrap=True, highlight=False, markup=False)
         if len(report.failed) > max_failed:
-            table.caption = f"... and {len(report.failed) - max_failed} more"
-        console.print(table)
+            console.print(f"  ... and {len(report.failed) - max_failed} more", highlight=False)
 
 
 def _run_build(
@@ -337,8 +335,10 @@ def search_command(
             modality = other if c.count(other) > 0 else query_kind  # type: ignore[arg-type]
         hits = c.search_hits(q[0], k, modality)  # type: ignore[arg-type]
         table = Table(title=f"{collection} (version {c.version}): top {k} {modality} items")
-        for col, just in (("rank", "right"), ("id", "right"), ("score", "right"), ("uri / caption", "left")):
-            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        table.add_column("rank", justify="right")
+        table.add_column("id", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("uri / caption", overflow="fold")
         for h in hits:
             label = h.item.uri if h.item.kind == "image" else (h.item.text or "")
             if h.item.kind == "image" and h.item.text:

@@ -158,6 +158,9 @@ def train(
         help="ALBEF MLM: share of captions whose colour / shape / relation words are all masked together.",
     ),
     perturb_negatives: bool = typer.Option(True, "--perturb-negatives/--no-perturb-negatives"),
+    perturb_count: int = typer.Option(
+        1, "--perturb-count", help="ALBEF: perturbed captions per image and step."
+    ),
     group_mix: float = typer.Option(
         0.0, "--group-mix", help="Share of each batch filled with group siblings."
     ),
@@ -201,6 +204,7 @@ def train(
         device=device,
         precision=precision,  # type: ignore[arg-type]
         perturb_negatives=perturb_negatives,
+        perturb_count=perturb_count,
         group_mix=group_mix,
         group_mix_after=group_mix_after,
         eval_max_images=eval_images,

@@ -12,7 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from index import BuildOptions, Collection, ImageFolderSource, KarpathySource, TextSource, build_collection
+from index import (
+    BuildOptions,
+    Collection,
+    ImageFolderSource,
+    KarpathySource,
+    TextSource,
+    build_collection,
+)
 from index.builder import _ItemDataset
 from index.collection import ShaLookup
 from models.errors import EncoderMismatchError, InvalidInputError, NotFoundError
@@ -31,10 +38,17 @@ def _corrupt_files(root: Path) -> dict[str, str]:
     jpg = draw_image(root / "tmp_full.jpg", seed=98, size=(64, 64)).read_bytes()
     (root / "truncated.jpg").write_bytes(jpg[: len(jpg) // 3])
     (root / "tmp_full.jpg").unlink()
-    return {"zero.jpg": "empty", "text.png": "not an image", "truncated.png": "truncated", "truncated.jpg": "truncated"}
+    return {
+        "zero.jpg": "empty",
+        "text.png": "not an image",
+        "truncated.png": "truncated",
+        "truncated.jpg": "truncated",
+    }
 
 
-def test_build_folder_with_corrupt_files_reports_and_skips_them(tmp_path: Path, counting: CountingEncoder) -> None:
+def test_build_folder_with_corrupt_files_reports_and_skips_them(
+    tmp_path: Path, counting: CountingEncoder
+) -> None:
     images = tmp_path / "images"
     make_image_folder(images, 20)
     bad = _corrupt_files(images)
@@ -45,10 +59,11 @@ def test_build_folder_with_corrupt_files_reports_and_skips_them(tmp_path: Path, 
     for name, word in bad.items():
         assert word in failed[name], (name, failed[name])
     assert counting.images_encoded == 20
-    assert report.commits >= 2 and report.version == report.commits
+    assert report.commits >= 2 and report.version == report.commits + 1  # + merging this run's segments
 
     c = Collection.open(tmp_path / "c", encoder=counting.info)
     assert c.count("image") == 20 and c.count("text") == 0
+    assert len(c.manifest.segments) == 1
     # build then search == numpy brute force over the same stored vectors
     q = counting.encode_texts(["a red square", "a blue circle", "green"])
     ids, vecs = c.vectors("image")
@@ -68,7 +83,9 @@ def test_adding_m_items_encodes_only_m(tmp_path: Path, counting: CountingEncoder
     assert counting.images_encoded == 24
     make_image_folder(images, 5, start=24)
     counting.images_encoded = 0
-    report = build_collection(tmp_path / "c", ImageFolderSource(images), counting, options=OPTS, must_exist=True)
+    report = build_collection(
+        tmp_path / "c", ImageFolderSource(images), counting, options=OPTS, must_exist=True
+    )
     assert (report.added, report.skipped_existing, counting.images_encoded) == (5, 24, 5)
     # re-running the same command encodes nothing
     counting.images_encoded = 0
@@ -78,7 +95,9 @@ def test_adding_m_items_encodes_only_m(tmp_path: Path, counting: CountingEncoder
     assert c.count("image") == 29
     assert len({i.sha256 for i in c.list(limit=100)}) == 29
     with pytest.raises(NotFoundError):
-        build_collection(tmp_path / "other", ImageFolderSource(images), counting, options=OPTS, must_exist=True)
+        build_collection(
+            tmp_path / "other", ImageFolderSource(images), counting, options=OPTS, must_exist=True
+        )
 
 
 def test_duplicate_content_is_indexed_once(tmp_path: Path, counting: CountingEncoder) -> None:
@@ -94,7 +113,9 @@ def test_karpathy_build_links_captions_to_images(tmp_path: Path, counting: Count
     recs = []
     for i in range(6):
         draw_image(root / "val" / f"{i}.jpg", seed=i)
-        recs.append({"image": f"val/{i}.jpg", "caption": [f"picture number {i}", f"image {i}"], "image_id": i})
+        recs.append(
+            {"image": f"val/{i}.jpg", "caption": [f"picture number {i}", f"image {i}"], "image_id": i}
+        )
     recs.append({"image": "val/missing.jpg", "caption": "gone"})
     f = tmp_path / "test.json"
     f.write_text(json.dumps(recs))
@@ -127,7 +148,9 @@ def test_rerank_cache_is_filled_with_cross_encoder_tokens(tmp_path: Path, counti
     make_image_folder(images, 10)
     cross = FakeCrossEncoder()
     opts = replace(OPTS, rerank_cache=True)
-    report = build_collection(tmp_path / "c", ImageFolderSource(images), counting, options=opts, cross_encoder=cross)
+    report = build_collection(
+        tmp_path / "c", ImageFolderSource(images), counting, options=opts, cross_encoder=cross
+    )
     assert report.features_added == 10
     c = Collection.open(tmp_path / "c")
     assert c.manifest.reranker is not None and c.manifest.reranker.spec == "test:fake-cross"
@@ -141,7 +164,10 @@ def test_rerank_cache_is_filled_with_cross_encoder_tokens(tmp_path: Path, counti
         build_collection(tmp_path / "d", ImageFolderSource(images), counting, options=opts)
     with pytest.raises(EncoderMismatchError, match="reranker"):
         build_collection(
-            tmp_path / "c", ImageFolderSource(images), counting, options=opts,
+            tmp_path / "c",
+            ImageFolderSource(images),
+            counting,
+            options=opts,
             cross_encoder=FakeCrossEncoder(sha="d" * 64),
         )
 
@@ -159,7 +185,9 @@ def test_workers_give_the_same_collection_as_in_process(tmp_path: Path, counting
     images = tmp_path / "images"
     make_image_folder(images, 16)
     build_collection(tmp_path / "a", ImageFolderSource(images), counting, options=OPTS)
-    build_collection(tmp_path / "b", ImageFolderSource(images), counting, options=replace(OPTS, num_workers=2))
+    build_collection(
+        tmp_path / "b", ImageFolderSource(images), counting, options=replace(OPTS, num_workers=2)
+    )
     a, b = Collection.open(tmp_path / "a"), Collection.open(tmp_path / "b")
     ia, va = a.vectors("image")
     ib, vb = b.vectors("image")

@@ -32,7 +32,9 @@ RERANKER = replace(INFO, spec="test:reranker", weights_sha256="b" * 64)
 
 def _items(kind: str, start: int, n: int) -> list[NewItem]:
     return [
-        NewItem(kind=kind, uri=f"{kind}://{i}", sha256=f"{kind}-{i:08d}", text=f"{kind} {i}", metadata={"n": i})  # type: ignore[arg-type]
+        NewItem(
+            kind=kind, uri=f"{kind}://{i}", sha256=f"{kind}-{i:08d}", text=f"{kind} {i}", metadata={"n": i}
+        )  # type: ignore[arg-type]
         for i in range(start, start + n)
     ]
 
@@ -114,7 +116,11 @@ def test_items_get_list_count_and_metadata(coll: Collection) -> None:
     ids = _add(coll, "image", 0, 5, seed=1)
     item = coll.get(int(ids[2]))
     assert (item.kind, item.uri, item.text, dict(item.metadata), item.state) == (
-        "image", "image://2", "image 2", {"n": 2}, "live",
+        "image",
+        "image://2",
+        "image 2",
+        {"n": 2},
+        "live",
     )
     assert [i.id for i in coll.get_many([ids[4], ids[0]])] == [ids[4], ids[0]]
     assert [i.id for i in coll.list(offset=1, limit=2)] == ids[1:3].tolist()
@@ -291,3 +297,77 @@ def test_feature_cache_roundtrip_delete_and_compaction(coll: Collection) -> None
     fc = coll.features
     assert fc is not None and len(fc) == 5 and len(coll.manifest.features.chunks) == 1  # type: ignore[union-attr]
     np.testing.assert_array_equal(fc.get(ids[1:]), tokens[1:])
+
+
+def test_a_new_writer_cleans_up_what_a_killed_writer_left(coll: Collection, tmp_path: Path) -> None:
+    _add(coll, "image", 0, 10, seed=1)
+    root = tmp_path / "c"
+    # leftovers of a writer killed before its commit switched the manifest
+    (root / "segments" / "seg-000002").mkdir()
+    (root / "segments" / "seg-000002" / "image.npy").write_bytes(b"partial")
+    (root / "tombstones" / "000002.npy").write_bytes(b"partial")
+    (root / "features" / "f000002.npy").write_bytes(b"partial")
+    (root / "manifest.json.tmp").write_text("{")
+    import sqlite3
+
+    db = sqlite3.connect(root / "items.sqlite")
+    with db:
+        db.execute(
+            "INSERT INTO items (id, kind, uri, sha256, metadata, state, version_added) "
+            "VALUES (11, 'image', 'x', 'y', '{}', 'live', 2)"
+        )
+        db.execute("UPDATE items SET state = 'deleted', version_deleted = 2 WHERE id = 3")
+    db.close()
+    reader = Collection.open(root)
+    assert reader.count("image") == 10 and reader.get(3).state == "live"
+    with pytest.raises(NotFoundError):
+        reader.get(11)
+    with CollectionWriter(root) as w:
+        assert w.base_version == 1
+    assert sorted(p.name for p in (root / "segments").iterdir()) == ["seg-000001"]
+    assert list((root / "tombstones").iterdir()) == [] and list((root / "features").iterdir()) == []
+    assert not (root / "manifest.json.tmp").exists()
+    db = sqlite3.connect(root / "items.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 10
+    assert db.execute("SELECT state FROM items WHERE id = 3").fetchone()[0] == "live"
+    db.close()
+
+
+def test_a_reader_keeps_searching_its_version_while_a_writer_compacts(
+    coll: Collection, tmp_path: Path
+) -> None:
+    _add(coll, "image", 0, 50, seed=1)
+    _add(coll, "image", 50, 50, seed=2)
+    reader = Collection.open(tmp_path / "c")
+    q = clustered(3, DIM, seed=9)
+    before = reader.search(q, 5, "image")
+    coll.delete([int(before.ids[0, 0])])
+    coll.compact()
+    _add(coll, "image", 100, 1, seed=3)  # this commit garbage-collects the pre-compaction segments
+    assert not (tmp_path / "c" / "segments" / "seg-000001").exists()
+    np.testing.assert_array_equal(reader.search(q, 5, "image").ids, before.ids)  # old snapshot still works
+    assert len(reader.vectors("image")[0]) == 100
+    assert reader.refresh() and reader.version == coll.version
+    assert int(before.ids[0, 0]) not in reader.search(q, 5, "image").ids[0]
+
+
+def test_merge_of_some_segments_keeps_results(coll: Collection) -> None:
+    for s in range(4):
+        _add(coll, "image", s * 50, 50, seed=s)
+    _add(coll, "text", 0, 20, seed=9)
+    coll.delete([3, 60])
+    q = clustered(6, DIM, seed=7)
+    want = {m: coll.search(q, 8, m).ids for m in ("image", "text")}
+    segs = [s.id for s in coll.manifest.segments]
+    with coll.writer() as w:
+        v = w.merge(segs[1:3])
+        assert w.merge(segs[:1]) == v  # one segment: nothing to merge
+        with pytest.raises(NotFoundError):
+            w.merge(["seg-999999"])
+    coll.refresh()
+    got = [s.id for s in coll.manifest.segments]
+    assert got == [segs[0], f"seg-{v:06d}", segs[3], segs[4]]
+    assert coll.manifest.segments[1].count("image") == 99  # id 60 dropped
+    for m in ("image", "text"):
+        np.testing.assert_array_equal(coll.search(q, 8, m).ids, want[m])
+    assert coll.count("image") == 198

@@ -33,8 +33,19 @@ def _cli(*args: str) -> list[str]:
 
 def _build_cmd(coll: Path, images: Path) -> list[str]:
     return _cli(
-        "build", str(coll), "--images", str(images), "--model", "alignfuse:random-tiny",
-        "--batch-size", str(BATCH), "--commit-every", str(BATCH), "--workers", "0", "--no-progress",
+        "build",
+        str(coll),
+        "--images",
+        str(images),
+        "--model",
+        "alignfuse:random-tiny",
+        "--batch-size",
+        str(BATCH),
+        "--commit-every",
+        str(BATCH),
+        "--workers",
+        "0",
+        "--no-progress",
     )
 
 
@@ -78,7 +89,7 @@ def test_sigkilled_build_resumes_and_matches_an_uninterrupted_build(
                     res = c.search(q, 5, "image")
                     assert (res.ids >= 0).sum() == 2 * min(5, n)
                     samples += 1
-                    if c.version >= 3:
+                    if c.version >= 10:  # about a quarter of the way
                         proc.send_signal(signal.SIGKILL)
                         killed_at = c.version
                         break

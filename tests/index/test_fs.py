@@ -81,3 +81,29 @@ def test_writer_lock_names_the_holder_pid_across_processes(tmp_path: Path) -> No
         proc.wait(timeout=30)
     # the lock dies with its process
     WriterLock(tmp_path / "writer.lock").acquire().release()
+
+
+def test_a_forked_child_that_closes_the_inherited_lock_does_not_keep_it(tmp_path: Path) -> None:
+    from index._fs import close_inherited_lock
+
+    lock = WriterLock(tmp_path / "writer.lock").acquire()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: like a DataLoader worker
+        close_inherited_lock(lock.fd)
+        os.write(w, b"x")
+        import time
+
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(r, 1) == b"x"
+        assert lock.fd is not None
+        os.close(lock.fd)  # the parent "dies" without unlocking
+        lock._fd = None
+        WriterLock(tmp_path / "writer.lock").acquire().release()  # free although the child still runs
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)

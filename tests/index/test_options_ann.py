@@ -116,7 +116,11 @@ def test_index_types_build_and_search_with_sane_recall(key: str, min_recall: flo
     assert index.ntotal == len(x)
     # round trip through a file, memory-mapped
     save_index(index, tmp_path / "ix.faiss")
-    loaded = load_index(tmp_path / "ix.faiss", key, IndexOptions(mmap=True, ivf_nprobe=8, hnsw_ef_search=64, refine_k_factor=16))
+    loaded = load_index(
+        tmp_path / "ix.faiss",
+        key,
+        IndexOptions(mmap=True, ivf_nprobe=8, hnsw_ef_search=64, refine_k_factor=16),
+    )
     ex = get_executor(opts)
     handle = ex.prepare(loaded, opts)
     _, found = ex.search(handle, q, 10, opts)

@@ -29,7 +29,9 @@ def test_image_folder_is_recursive_case_insensitive_and_sorted(tmp_path: Path) -
     src = ImageFolderSource(tmp_path)
     items = list(src.items())
     assert [i.metadata["relpath"] for i in items] == ["a/b/c.JpEg", "a/z.png", "b.JPG", "c.webp"]
-    assert all(i.kind == "image" and i.path is not None and i.uri == i.path.resolve().as_posix() for i in items)
+    assert all(
+        i.kind == "image" and i.path is not None and i.uri == i.path.resolve().as_posix() for i in items
+    )
     flat = ImageFolderSource(tmp_path, recursive=False, extensions=["jpg"])
     assert [i.metadata["relpath"] for i in flat.items()] == ["b.JPG"]
     with pytest.raises(NotFoundError, match="--images"):
@@ -57,7 +59,11 @@ def test_jsonl_captions_group_by_image_and_link_texts(tmp_path: Path) -> None:
     assert img_a.metadata["captions"] == ["a red circle", "a circle, red"]
     assert img_a.metadata["split"] == "test"
     t = items[2]
-    assert t.text == "a circle, red" and t.metadata["image_uri"] == img_a.uri and t.metadata["caption_index"] == 1
+    assert (
+        t.text == "a circle, red"
+        and t.metadata["image_uri"] == img_a.uri
+        and t.metadata["caption_index"] == 1
+    )
     assert t.sha256 == text_sha256("a circle, red", img_a.uri)
     assert t.uri == f"{img_a.uri}#caption1"
     reasons = [r for _, r in src.problems]

@@ -470,3 +470,21 @@ def test_overload_is_429_never_5xx(world: World, root: Path) -> None:
     assert (reg.get_sample_value("alignfuse_rejected_requests_total", {"reason": "concurrency"}) or 0) + (
         reg.get_sample_value("alignfuse_rejected_requests_total", {"reason": "queue_full"}) or 0
     ) == codes.count(429)
+
+
+def test_openapi_does_not_depend_on_settings_and_default_candidates_are_capped(
+    world: World, root: Path
+) -> None:
+    a = create_app(make_settings(root), engine=make_engine(world, make_settings(root)))
+    tight = make_settings(root, limits={"max_k": 5, "max_candidates": 10}, api_key="x")
+    b = create_app(tight, engine=make_engine(world, tight))
+    assert a.openapi() == b.openapi()
+    schema = a.openapi()["components"]["schemas"]
+    assert {"SearchBody", "SearchOut", "HitOut", "ErrorOut", "CollectionOut", "AddOut", "TextsBody"} <= set(
+        schema
+    )
+    with TestClient(b, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        r = client.post("/v1/search", json={"collection": "plain", "text": "x", "k": 5})
+        assert r.status_code == 200 and r.json()["pairs_scored"] == 10  # default 128 capped at max_candidates
+        _err(client.post("/v1/search", json={"collection": "plain", "text": "x", "k": 6}), 422)

@@ -44,7 +44,9 @@ def test_invalid_settings_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
     monkeypatch.delenv("ALIGNFUSE_BATCHING__MAX_BATCH")
     with pytest.raises(ValidationError):
-        Settings(limits={"default_candidates": 600, "max_candidates": 512})
+        Settings(limits={"max_k": 0})
+    with pytest.raises(ValidationError):
+        Settings(models={"precision": "fp8"})
 
 
 @pytest.mark.parametrize(

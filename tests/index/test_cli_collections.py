@@ -1,0 +1,149 @@
+"""The collection CLI commands (in-process through ``service.cli.main``): happy path and exit codes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from index import Collection
+from index.collection import CollectionWriter
+
+from .conftest import make_image_folder
+
+
+def run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
+    from service.cli import collections as cli_collections
+    from service.cli import main
+
+    monkeypatch.setattr(cli_collections.console, "width", 400)
+    monkeypatch.setattr(sys, "argv", ["alignfuse", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, " ".join(out.split()), err.strip()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    make_image_folder(tmp_path / "images", 10)
+    (tmp_path / "images" / "bad.png").write_bytes(b"")
+    return tmp_path / "images"
+
+
+BUILD = ("--model", "alignfuse:random-tiny", "--workers", "0", "--no-progress", "--batch-size", "4")
+
+
+def test_build_info_search_delete_compact_add(
+    tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coll = tmp_path / "c"
+    code, out, _ = run(
+        monkeypatch, capsys, "build", str(coll), "--images", str(images), *BUILD, "--commit-every", "4"
+    )
+    assert code == 0 and "added 10 (10 images, 0 texts)" in out and "1 failed" in out and "bad.png" in out
+    code, out, _ = run(monkeypatch, capsys, "info", str(coll))
+    assert code == 0 and "alignfuse:random-tiny" in out and "10 images" in out and "segments (1)" in out
+    code, out, _ = run(monkeypatch, capsys, "search", str(coll), "--text", "a red square", "-k", "3")
+    assert (
+        code == 0
+        and "top 3 image items" in out
+        and out.count(".png") + out.count(".jp") + out.count(".JP") >= 3
+    )
+    code, out, _ = run(
+        monkeypatch, capsys, "search", str(coll), "--image", str(images / "img0001.png"), "-k", "2"
+    )
+    assert code == 0 and "img0001.png" in out  # an image is its own nearest neighbour
+    code, out, _ = run(monkeypatch, capsys, "delete", str(coll), "1", "2")
+    assert code == 0 and "deleted 2" in out
+    code, out, _ = run(monkeypatch, capsys, "compact", str(coll), "--index-key", "HNSW16")
+    assert code == 0 and "-> 1" in out and "HNSW16" in out
+    c = Collection.open(coll)
+    assert c.count("image") == 8 and c.manifest.index_key == "HNSW16"
+    assert c.manifest.segments[0].part("image").index_key == "HNSW16"  # type: ignore[union-attr]
+    make_image_folder(images, 2, start=10)
+    code, out, _ = run(
+        monkeypatch, capsys, "add", str(coll), "--images", str(images), "--workers", "0", "--no-progress"
+    )
+    # 10 old files: 8 live ones are skipped, the 2 deleted ones are indexed again (new ids), + 2 new files
+    assert code == 0 and "added 4" in out and "skipped 8" in out
+    code, out, _ = run(monkeypatch, capsys, "info", str(coll), "--json")
+    assert code == 0 and '"key": "HNSW16"' in out
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("build", "{c}", *BUILD), 2, "exactly one of --images"),
+        (("build", "{c}", "--images", "{t}/missing", *BUILD), 3, "--images: folder not found"),
+        (("build", "{c}", "--images", "{i}", *BUILD, "--index-key", "Bogus"), 2, "--index-key"),
+        (
+            ("build", "{c}", "--images", "{i}", "--model", "alignfuse:random-tiny", "--batch-size", "0"),
+            2,
+            "--batch-size",
+        ),
+        (("build", "{c}", "--images", "{i}", *BUILD, "--rerank-cache"), 2, "--reranker"),
+        (("build", "{c}", "--images", "{i}", "--model", "nofamily"), 2, "nofamily"),
+        (("build", "{c}", "--images", "{i}", *BUILD, "--device", "tpu"), 2, "--device"),
+        (("build", "{c}", "--captions", "{t}/caps.jsonl", *BUILD), 3, "--captions"),
+        (("add", "{t}/none", "--images", "{i}"), 3, "COLLECTION"),
+        (("info", "{t}/none"), 3, "COLLECTION"),
+        (("search", "{t}/none", "--text", "x"), 3, "COLLECTION"),
+        (
+            ("search", "{t}", "--text", "x", "--image", "{i}/img0001.png"),
+            2,
+            "exactly one of --text or --image",
+        ),
+        (("search", "{t}", "--image", "{t}/nope.png"), 3, "--image"),
+        (("search", "{t}", "--text", "x", "-k", "0"), 2, "-k"),
+        (("search", "{t}", "--text", "x", "--modality", "audio"), 2, "--modality"),
+        (("delete", "{t}/none", "1"), 3, "COLLECTION"),
+        (("compact", "{t}/none"), 3, "COLLECTION"),
+    ],
+)
+def test_bad_arguments_exit_non_zero_with_one_line(
+    args: tuple[str, ...],
+    code: int,
+    needle: str,
+    tmp_path: Path,
+    images: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fmt = {"c": str(tmp_path / "c"), "t": str(tmp_path), "i": str(images)}
+    got, _, err = run(monkeypatch, capsys, *(a.format(**fmt) for a in args))
+    assert got == code, err
+    assert needle in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_existing_collection_errors(
+    tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coll = tmp_path / "c"
+    assert run(monkeypatch, capsys, "build", str(coll), "--images", str(images), *BUILD)[0] == 0
+    code, _, err = run(monkeypatch, capsys, "delete", str(coll), "999")
+    assert code == 3 and "999" in err
+    code, _, err = run(monkeypatch, capsys, "compact", str(coll), "--index-key", "Nope")
+    assert code == 2 and "--index-key" in err
+    with CollectionWriter(coll):
+        code, _, err = run(monkeypatch, capsys, "delete", str(coll), "1")
+    assert code == 4 and "pid" in err
+    # another dual encoder on an existing collection: refused (a conflict), naming both
+    other = ("--model", "open_clip:ViT-B-32", *BUILD[2:])
+    code, _, err = run(monkeypatch, capsys, "build", str(coll), "--images", str(images), *other)
+    assert code == 4 and "alignfuse:random-tiny" in err and "open_clip:ViT-B-32" in err
+    assert Collection.open(coll).count("image") == 10
+
+
+def test_models_lists_known_specs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(monkeypatch, capsys, "models")
+    assert code == 0 and "alignfuse:random-tiny" in out
