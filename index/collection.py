@@ -12,10 +12,23 @@ Layout (see docs/architecture.md)::
       features/<chunk>.npy   optional rerank cache: fp16 image tokens [n, L, D] + <chunk>.ids.npy
       writer.lock            fcntl.flock'ed by the one writer; holds its pid
 
-Readers (:class:`Collection`) always load a committed manifest and filter sqlite rows by version, so
-uncommitted rows of a running or killed writer are never visible. :meth:`Collection.refresh` picks up a newer
-version without a restart. Writers (:class:`CollectionWriter`) take the lock, roll back anything a killed
-writer left uncommitted, write new files beside the old ones, fsync, and switch the manifest.
+Versions and visibility. Every sqlite row carries ``version_added`` (and ``version_deleted`` once deleted);
+a reader at version v sees a row iff ``version_added <= v`` and treats it as live iff it is not deleted at
+or before v. A writer stages rows with ``version_added = base + 1`` (committed to sqlite, but invisible),
+appends vectors to a new ``segments/seg-<base+1>/``, then commits: build the segment's FAISS indexes, fsync
+files and folders, write the tombstone/feature files, ``os.replace`` ``manifest.json`` (the commit point),
+then record ``versions/<n>.json``. A SIGKILL at any moment leaves the last committed version readable; the
+next writer (under the lock) deletes rows newer than the manifest, un-deletes uncommitted deletes, removes
+unreferenced files, and ids restart from the manifest's ``next_id`` (a resumed build gets the same ids).
+
+Segments are never modified. Deletes are tombstones filtered at search time (each segment over-fetches by
+its tombstone count). :meth:`CollectionWriter.merge` merges some segments (the builder merges the segments of
+its periodic commits); :meth:`CollectionWriter.compact` merges all, drops tombstones and rewrites the
+feature cache, and can re-derive the FAISS indexes with another key from the stored embeddings. Files only
+older versions reference are garbage-collected at the next commit (the current and previous versions are
+kept); a reader that loses a race with that retries with the newest manifest, and open snapshots keep
+working on their already-opened files. Readers (:class:`Collection`) switch versions with
+:meth:`Collection.refresh`; searches running on the old snapshot finish on it.
 """
 
 from __future__ import annotations
@@ -241,13 +254,15 @@ class _Snapshot:
         self.segments = segments
         self.tombstones = tombstones
         self.features = features
-        self.dead: dict[tuple[str, str], np.ndarray] = {}
+        self.dead: dict[tuple[str, str], np.ndarray] = {}  # positions tombstoned, per (segment, kind)
+        self.dead_count: dict[tuple[str, str], int] = {}
         for seg in segments:
             for kind, part in seg.parts.items():
                 if len(tombstones):
                     mask = np.isin(part.ids, tombstones)
                     if mask.any():
                         self.dead[(seg.record.id, kind)] = mask
+                        self.dead_count[(seg.record.id, kind)] = int(mask.sum())
         self._locator: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def locator(self, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -593,7 +608,7 @@ class Collection:
                 continue
             dead = snap.dead.get((seg.record.id, modality))
             n = len(part.ids)
-            fetch = min(n, k + (int(dead.sum()) if dead is not None else 0))
+            fetch = min(n, k + snap.dead_count.get((seg.record.id, modality), 0))
             scores, pos = self._executor.search(part.handle, q, fetch, self._options)
             valid = pos >= 0
             safe = np.where(valid, pos, 0)

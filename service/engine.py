@@ -118,13 +118,12 @@ class SearchEngine:
         self.root = Path(settings.collections).expanduser()
         self.dual: DualEncoder | None = dual_encoder
         self.cross: CrossEncoder | None = cross_encoder
-        self._injected = dual_encoder is not None
         self._dual_worker: DeviceWorker | None = None
         self._cross_worker: DeviceWorker | None = None
         self._handles: dict[str, _Handle] = {}
         self._handles_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="alignfuse-io")
-        self._tokens = TokenLRU(256 * 1024 * 1024)
+        self._tokens = TokenLRU(settings.models.rerank_memory_cache_mb * 1024 * 1024)
         self._thumbs: OrderedDict[tuple[str, int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self._inflight = 0
@@ -151,7 +150,9 @@ class SearchEngine:
                     log.warning("skipping collection %s: %s", p.name, exc)
         return out
 
-    def _pick_specs(self) -> tuple[str, str | None]:
+    def model_specs(self) -> tuple[str, str | None]:
+        """(dual-encoder spec, reranker spec or None): from the settings, else from the collections'
+        manifests (the dual encoder most collections were built with). InvalidInputError when neither."""
         ms = self.settings.models
         manifests = self._manifests() if ms.dual_encoder is None or ms.reranker is None else []
         dual = ms.dual_encoder
@@ -183,7 +184,7 @@ class SearchEngine:
         try:
             ms = self.settings.models
             if self.dual is None:
-                dual_spec, rr_spec = self._pick_specs()
+                dual_spec, rr_spec = self.model_specs()
                 log.info("loading dual encoder %s on %s (%s)", dual_spec, ms.device, ms.precision)
                 self.dual = create_dual_encoder(dual_spec, ms.device, ms.precision)
                 if rr_spec is not None:

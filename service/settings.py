@@ -23,9 +23,10 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Which models serve the collections.
 
-    ``dual_encoder``: a spec, or None to use the dual encoder recorded in the collections' manifests (all
-    served collections must then agree). ``reranker``: a spec, ``"none"`` to serve without a cross-encoder,
-    or None to use the reranker recorded in the manifests (if any).
+    ``dual_encoder``: a spec, or None to use the dual encoder recorded in the collections' manifests (the
+    one most collections were built with; collections built with another are listed as incompatible and
+    answer 409). ``reranker``: a spec, ``"none"`` to serve without a cross-encoder, or None to use the
+    reranker recorded in the manifests of those collections (if any).
     """
 
     dual_encoder: str | None = None
@@ -33,6 +34,9 @@ class ModelSettings(_Section):
     device: str = "cpu"
     precision: Precision = "fp32"
     warmup: bool = True
+    rerank_memory_cache_mb: int = Field(default=256, ge=0)
+    """Image states recomputed for rerank (collections without a feature cache) are kept in memory, fp16,
+    up to this size (least recently used dropped first)."""
 
 
 class BatchingSettings(_Section):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -16,6 +17,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
 from .routers import collections, ops, search, web
+from .schemas import TextsBody
 
 log = logging.getLogger(__name__)
 
@@ -68,4 +70,25 @@ def create_app(settings: Settings | None = None, *, engine: SearchEngine | None 
     app.mount("/static", StaticFiles(directory=web.WEB_DIR), name="static")
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _register_extra_schemas(app)
     return app
+
+
+def _register_extra_schemas(app: FastAPI) -> None:
+    """Add the schemas of bodies that routes parse themselves (one path takes JSON or multipart)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (TextsBody,):
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in js.pop("$defs", {}).items():
+                components.setdefault(name, sub)
+            components.setdefault(model.__name__, js)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

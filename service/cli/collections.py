@@ -9,22 +9,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from index import (
-    BuildOptions,
-    BuildReport,
-    Collection,
-    IndexOptions,
-    build_collection,
-    is_collection,
-    open_source,
-)
-from index.ann import validate_index_key
 from models.errors import InvalidInputError, NotFoundError
+
+if TYPE_CHECKING:  # the index package (torch, faiss) is imported when a command runs, not at CLI start
+    from index import BuildReport, IndexOptions
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -51,6 +45,8 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
 
 
 def _check_collection(path: Path) -> None:
+    from index import is_collection
+
     if not is_collection(path):
         if not path.exists():
             raise NotFoundError(f"COLLECTION: no collection at {path}")
@@ -58,6 +54,9 @@ def _check_collection(path: Path) -> None:
 
 
 def _index_options(index_key: str | None, memory_budget_gb: float, mmap: bool = False) -> IndexOptions:
+    from index import IndexOptions
+    from index.ann import validate_index_key
+
     if memory_budget_gb <= 0:
         raise InvalidInputError(f"--memory-budget-gb: must be > 0, got {memory_budget_gb}")
     if index_key is not None:
@@ -102,6 +101,7 @@ def _run_build(
     progress: bool,
     must_exist: bool,
 ) -> BuildReport:
+    from index import BuildOptions, build_collection, open_source
     from models.registry import create_cross_encoder, create_dual_encoder
 
     _check_positive("--batch-size", batch_size)
@@ -202,6 +202,8 @@ def add_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Add items to an existing collection (model, index key and rerank cache taken from its manifest)."""
+    from index import Collection
+
     _check_collection(collection)
     with Collection.open(collection) as c:
         m = c.manifest
@@ -233,6 +235,8 @@ def delete_command(
     ids: list[int] = typer.Argument(..., help="Item ids to delete."),
 ) -> None:
     """Delete items (tombstones; dropped from disk at the next compaction)."""
+    from index import Collection
+
     _check_collection(collection)
     with Collection.open(collection) as c:
         version = c.delete(ids)
@@ -244,6 +248,8 @@ def info_command(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Manifest summary, counts, versions and segments of a collection."""
+    from index import Collection
+
     _check_collection(collection)
     with Collection.open(collection) as c:
         m = c.manifest
@@ -302,6 +308,7 @@ def search_command(
     """Search a collection with the dual encoder that built it (stage 1 only)."""
     from PIL import Image, UnidentifiedImageError
 
+    from index import Collection
     from models.registry import create_dual_encoder
 
     if (text is None) == (image is None):
@@ -354,6 +361,9 @@ def compact_command(
     ),
 ) -> None:
     """Merge segments, drop tombstones, re-derive FAISS indexes from the stored embeddings."""
+    from index import Collection
+    from index.ann import validate_index_key
+
     _check_collection(collection)
     with Collection.open(collection) as c:
         if index_key is not None:

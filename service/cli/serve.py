@@ -36,6 +36,7 @@ def serve(
     import uvicorn
 
     from ..api import create_app
+    from ..engine import SearchEngine
     from ..settings import Settings
 
     base = Settings()
@@ -68,10 +69,17 @@ def serve(
         updates["api_key"] = api_key
     # validate the merged values like the environment's
     settings = Settings.model_validate({**base.model_dump(), **{k: _dump(v) for k, v in updates.items()}})
+    # fail fast with a clear message (exit code 2) when no model is given and no collection names one
+    probe = SearchEngine(settings)
+    try:
+        dual_spec, rr_spec = probe.model_specs()
+    finally:
+        probe.close()
     app = create_app(settings)
     typer.echo(
         f"alignfuse serving {settings.collections} on http://{settings.server.host}:{settings.server.port} "
-        "(models load in the background; /readyz turns 200 when ready)",
+        f"with {dual_spec} + {rr_spec or 'no reranker'} (models load in the background; /readyz turns 200 "
+        "when ready)",
         err=True,
     )
     uvicorn.run(

@@ -70,6 +70,7 @@
       else setStatus("");
     } catch (e) {
       if (e.status === 503) { setStatus("Models are loading…"); setTimeout(loadCollections, 1000); return; }
+      if (e.status === 401) { els.keyRow.hidden = false; els.apiKey.focus(); setStatus("This server needs an API key: enter it above.", true); return; }
       setStatus(e.message, true);
     }
   }
@@ -148,6 +149,13 @@
     for (const h of itcHits) els.itc.appendChild(card(h, data.collection, "itc"));
     if (data.reranked) {
       for (const h of data.hits) els.itm.appendChild(card(h, data.collection, "itm"));
+    } else {
+      const note = document.createElement("li");
+      note.className = "note";
+      note.textContent = data.query === data.target
+        ? `${data.query}→${data.target} search uses the dual encoder only.`
+        : "Rerank is off for this search.";
+      els.itm.appendChild(note);
     }
     const t = data.timings;
     els.timings.textContent = "";
@@ -173,6 +181,8 @@
       fusion: els.fusion.value, rerank: els.rerank.checked, include_itc: true,
     };
     if (els.target.value) common.target = els.target.value;
+    const queryModality = queryImage ? "image" : "text";
+    if (common.target === queryModality) common.rerank = false; // same-modality: dual encoder only
     els.btn.disabled = true; setStatus("Searching…");
     try {
       let data;
@@ -190,6 +200,7 @@
       render(data);
       setStatus(data.hits.length ? "" : "No hits.");
     } catch (e) {
+      if (e.status === 401) els.keyRow.hidden = false;
       const extra = e.retryAfter ? ` (retry in ${e.retryAfter} s)` : "";
       setStatus(`${e.message}${extra}`, true);
     } finally {

@@ -147,3 +147,30 @@ def test_models_lists_known_specs(
 ) -> None:
     code, out, _ = run(monkeypatch, capsys, "models")
     assert code == 0 and "alignfuse:random-tiny" in out
+
+
+def test_build_from_captions_and_search_both_directions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    make_image_folder(tmp_path / "imgs", 4)
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "imgs").rglob("*.*"))
+    lines = [{"image": n, "caption": f"caption of {Path(n).stem}", "source": "test"} for n in names]
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    coll = tmp_path / "c"
+    code, out, err = run(
+        monkeypatch, capsys, "build", str(coll), "--captions", str(tmp_path / "caps.jsonl"), *BUILD
+    )
+    assert code == 0, err
+    assert "added 8 (4 images, 4 texts)" in out
+    code, out, _ = run(monkeypatch, capsys, "search", str(coll), "--text", "caption of img0001", "-k", "2")
+    assert code == 0 and "top 2 image items" in out
+    code, out, _ = run(
+        monkeypatch, capsys, "search", str(coll), "--image", str(tmp_path / names[0]), "-k", "2"
+    )
+    assert code == 0 and "top 2 text items" in out and "caption of" in out
+    code, out, _ = run(
+        monkeypatch, capsys, "search", str(coll), "--text", "x", "--modality", "text", "-k", "1"
+    )
+    assert code == 0 and "top 1 text items" in out

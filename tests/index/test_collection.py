@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import Collection, IndexOptions, NewItem
+from index import Collection, IndexOptions, Kind, NewItem
 from index.collection import CollectionWriter
 from models.base import ModelInfo, Preprocess
 from models.errors import ConflictError, EncoderMismatchError, InvalidInputError, NotFoundError
@@ -30,16 +30,16 @@ INFO = ModelInfo(
 RERANKER = replace(INFO, spec="test:reranker", weights_sha256="b" * 64)
 
 
-def _items(kind: str, start: int, n: int) -> list[NewItem]:
+def _items(kind: Kind, start: int, n: int) -> list[NewItem]:
     return [
         NewItem(
             kind=kind, uri=f"{kind}://{i}", sha256=f"{kind}-{i:08d}", text=f"{kind} {i}", metadata={"n": i}
-        )  # type: ignore[arg-type]
+        )
         for i in range(start, start + n)
     ]
 
 
-def _add(c: Collection, kind: str, start: int, n: int, seed: int) -> np.ndarray:
+def _add(c: Collection, kind: Kind, start: int, n: int, seed: int) -> np.ndarray:
     with c.writer() as w:
         ids = w.add(_items(kind, start, n), clustered(n, DIM, seed=seed))
         w.commit()
@@ -371,3 +371,56 @@ def test_merge_of_some_segments_keeps_results(coll: Collection) -> None:
     for m in ("image", "text"):
         np.testing.assert_array_equal(coll.search(q, 8, m).ids, want[m])
     assert coll.count("image") == 198
+
+
+def test_memory_mapped_reader_matches(coll: Collection, tmp_path: Path) -> None:
+    _add(coll, "image", 0, 300, seed=1)
+    coll.compact("HNSW16")
+    _add(coll, "image", 300, 100, seed=2)
+    q = clustered(5, DIM, seed=3)
+    mm = Collection.open(tmp_path / "c", options=IndexOptions(mmap=True))
+    np.testing.assert_array_equal(mm.search(q, 10, "image").ids, coll.search(q, 10, "image").ids)
+
+
+def test_concurrent_searches_while_a_writer_commits_and_readers_refresh(coll: Collection) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    _add(coll, "image", 0, 100, seed=1)
+    q = clustered(4, DIM, seed=5)
+    errors: list[BaseException] = []
+
+    def searcher() -> int:
+        n = 0
+        for _ in range(60):
+            try:
+                res = coll.search(q, 5, "image")
+                assert (res.ids >= 0).all()
+                items = coll.get_many(res.ids[0])
+                assert len(items) == 5
+                n += 1
+            except BaseException as exc:
+                errors.append(exc)
+        return n
+
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(searcher) for _ in range(4)]
+        for i in range(5):
+            _add(coll, "image", 100 + 10 * i, 10, seed=10 + i)  # commits + refresh()
+        coll.delete([1, 2, 3])
+        coll.compact()
+        done = [f.result() for f in futs]
+    assert not errors, errors[0]
+    assert sum(done) == 240
+    assert coll.count("image") == 147
+
+
+def test_requested_key_is_recorded_and_small_segments_fall_back_to_flat(tmp_path: Path) -> None:
+    c = Collection.create(tmp_path / "ivf", INFO, options=IndexOptions(index_key="IVF64,Flat"))
+    _add(c, "image", 0, 100, seed=1)
+    assert c.manifest.index_key == "IVF64,Flat"
+    assert c.manifest.segments[0].part("image").index_key == "Flat"  # type: ignore[union-attr]
+    _add(c, "image", 100, 3000, seed=2)  # 39 * 64 = 2496 vectors are enough to train
+    assert c.manifest.segments[1].part("image").index_key == "IVF64,Flat"  # type: ignore[union-attr]
+    c.delete(list(range(1, 3101)))
+    res = c.search(clustered(2, DIM, seed=3), 5, "image")
+    assert (res.ids == -1).all() and c.count() == 0

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import struct
 import threading
 import zlib
@@ -480,9 +481,20 @@ def test_openapi_does_not_depend_on_settings_and_default_candidates_are_capped(
     b = create_app(tight, engine=make_engine(world, tight))
     assert a.openapi() == b.openapi()
     schema = a.openapi()["components"]["schemas"]
-    assert {"SearchBody", "SearchOut", "HitOut", "ErrorOut", "CollectionOut", "AddOut", "TextsBody"} <= set(
-        schema
-    )
+    expected = {
+        "SearchBody",
+        "SearchOut",
+        "HitOut",
+        "ErrorOut",
+        "CollectionOut",
+        "AddOut",
+        "TextsBody",
+        "TextIn",
+    }
+    assert expected <= set(schema)
+    # every $ref of the document resolves
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(a.openapi())))
+    assert refs <= set(schema), refs - set(schema)
     with TestClient(b, raise_server_exceptions=False) as client:
         wait_ready(client)
         r = client.post("/v1/search", json={"collection": "plain", "text": "x", "k": 5})

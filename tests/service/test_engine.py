@@ -215,10 +215,10 @@ def test_not_ready_until_loaded_and_specs_from_manifests(world: World, root: Pat
     e = SearchEngine(settings)
     with pytest.raises(NotReadyError):
         e.search_sync(SearchRequest(collection="plain", text="x"))
-    dual, rr = e._pick_specs()
+    dual, rr = e.model_specs()
     assert dual == "alignfuse:random-tiny"  # two collections use it, one ("foreign") albef:tiny
     assert rr is None  # "none" switches reranking off
     e.close()
     e2 = SearchEngine(make_settings(root, models={"dual_encoder": None, "reranker": None}))
-    assert e2._pick_specs() == ("alignfuse:random-tiny", "albef:tiny")  # "scenes" records its reranker
+    assert e2.model_specs() == ("alignfuse:random-tiny", "albef:tiny")  # "scenes" records its reranker
     e2.close()

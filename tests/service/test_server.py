@@ -110,3 +110,14 @@ def test_serve_help() -> None:
     assert out.exit_code == 0, out.output
     for opt in ("--host", "--port", "--collections", "--model", "--reranker"):
         assert opt in out.output
+
+
+def test_serve_without_any_model_fails_fast(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from models.errors import InvalidInputError
+    from service.cli import app
+
+    out = CliRunner().invoke(app, ["serve", "--collections", str(tmp_path), "--port", "0"])
+    assert isinstance(out.exception, InvalidInputError)
+    assert "no dual encoder" in out.exception.message

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,10 +38,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture()
-def server(world: World, root: Path) -> Iterator[str]:
+@contextmanager
+def _serve(world: World, root: Path, **overrides: Any) -> Iterator[str]:
     """uvicorn in a thread of this process (the session's models), on a free loopback port."""
-    settings = make_settings(root)
+    settings = make_settings(root, **overrides)
     app = create_app(settings, engine=make_engine(world, settings))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
@@ -50,24 +51,36 @@ def server(world: World, root: Path) -> Iterator[str]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200 and app.state.engine.ready:
                 break
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    yield url
-    srv.should_exit = True
-    t.join(15)
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        t.join(15)
+
+
+@pytest.fixture()
+def server(world: World, root: Path) -> Iterator[str]:
+    with _serve(world, root) as url:
+        yield url
+
+
+def _browser(p: Any) -> Any:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (run scripts/install-browser.sh)")
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 def test_web_page_search_and_upload(server: str, world: World, tmp_path: Path) -> None:
-    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.skip("chromium is not installed (run scripts/install-browser.sh)")
     from playwright.sync_api import sync_playwright
 
     errors: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = _browser(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("pageerror", lambda e: errors.append(str(e)))
@@ -97,6 +110,14 @@ def test_web_page_search_and_upload(server: str, world: World, tmp_path: Path) -
             if shot:
                 page.screenshot(path=shot, full_page=True)
 
+            # text→text: dual encoder only, the rerank column says so
+            page.select_option("#target", "text")
+            page.click("#search-btn")
+            page.wait_for_function("document.querySelector('#summary').textContent.includes('text→text')")
+            assert page.locator("#itc-results .hit .textcard").count() == 6
+            assert "dual encoder only" in page.inner_text("#itm-results .note")
+            page.select_option("#target", "")
+
             # upload an image: image→text, text cards in both columns
             page.set_input_files("#image-input", str(world.data / "images" / "000005.png"))
             page.wait_for_function("document.querySelector('#summary').textContent.includes('image→text')")
@@ -107,3 +128,29 @@ def test_web_page_search_and_upload(server: str, world: World, tmp_path: Path) -
         finally:
             browser.close()
     assert errors == []
+
+
+def test_web_page_with_api_key_for_reads(world: World, root: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with _serve(world, root, api_key="page-key", require_key_for_reads=True) as url, sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("#api-key", state="visible")  # the 401 opens the key field
+            assert "API key" in page.inner_text("#status")
+            page.fill("#api-key", "page-key")
+            page.press("#api-key", "Enter")
+            page.wait_for_selector("#collection option[value=plain]", state="attached")
+            page.select_option("#collection", "plain")
+            page.fill("#query", "a green triangle")
+            page.click("#search-btn")
+            page.wait_for_function("document.querySelectorAll('#itm-results .hit').length > 0")
+            # thumbnails need the key too: fetched with the header, shown from blob: URLs
+            page.wait_for_function(
+                "[...document.querySelectorAll('#itm-results img.thumb')]"
+                ".every(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
+            )
+        finally:
+            browser.close()

@@ -85,9 +85,8 @@ _ADD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {
-                "schema": TextsBody.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
+            # TextsBody (and TextIn) are added to the components by ``service.api.app``
+            "application/json": {"schema": {"$ref": "#/components/schemas/TextsBody"}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",

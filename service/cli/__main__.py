@@ -1,0 +1,5 @@
+"""``python -m service.cli`` = the ``alignfuse`` command."""
+
+from . import main
+
+main()
