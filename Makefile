@@ -39,7 +39,7 @@ typecheck: install
 
 # Generate the demo scenes (if absent), build the demo collection with the shipped models, serve on :8000.
 demo: install
-	$(BIN)/alignfuse demo
+	$(BIN)/alignfuse demo $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python bench/build.py

@@ -79,7 +79,7 @@ HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 )
 
 # radius of an object as a fraction of the image side
-_RADIUS = {"small": 0.115, "large": 0.175}
+_RADIUS = {"small": 0.14, "large": 0.2}
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def _place(
             ok = relation_holds(a, b, relation)
         if ok:
             return pts
-    raise RuntimeError("could not place objects")  # pragma: no cover - radii are small enough
+    return None
 
 
 def _background(rng: np.random.Generator) -> tuple[tuple[int, int, int], int]:
@@ -191,6 +191,9 @@ def _objects(
 ) -> tuple[SceneObject, ...]:
     radii = [_RADIUS[size] * float(rng.uniform(0.92, 1.08)) for _, _, size in attrs]
     pts = _place(rng, radii, relation)
+    while pts is None:  # crowded (three large objects): shrink everything a little and retry
+        radii = [r * 0.9 for r in radii]
+        pts = _place(rng, radii, relation)
     return tuple(
         SceneObject(shape, colour, size, round(x, 4), round(y, 4), round(r, 4))
         for (shape, colour, size), (x, y), r in zip(attrs, pts, radii, strict=True)

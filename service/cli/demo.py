@@ -58,7 +58,7 @@ def find_examples(
         worse += b > a
         if b == 1 and a > 1:
             fixed.append(Example(caption, r_itc, r_itm))
-    return fixed, better, worse
+    return fixed, better, worse, min(probe, len(entries))
 
 
 def demo(
@@ -73,6 +73,7 @@ def demo(
     port: int = typer.Option(8000, "--port"),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Serve the web page after building."),
     examples: int = typer.Option(5, "--examples", min=0, help="How many example queries to print."),
+    model: str = typer.Option(DEMO_MODEL, "--model", help="ALBEF-family spec serving both stages."),
 ) -> None:
     """Build the offline demo (synthetic scenes + shipped models) and serve it on http://HOST:PORT."""
     from index import BuildOptions, build_collection, open_source
@@ -90,11 +91,11 @@ def demo(
         generate_scenes(scenes_dir, seed=seed, count=count, split="test")
     collections = data / "collections"
     typer.echo(
-        f"building collection {collections / COLLECTION} with {DEMO_MODEL} (resumes if interrupted) ...",
+        f"building collection {collections / COLLECTION} with {model} (resumes if interrupted) ...",
         err=True,
     )
-    dual = create_dual_encoder(DEMO_MODEL)
-    cross = create_cross_encoder(DEMO_MODEL)
+    dual = create_dual_encoder(model)
+    cross = create_cross_encoder(model)
     report = build_collection(
         collections / COLLECTION,
         open_source(karpathy=karpathy, image_root=scenes_dir),
@@ -109,18 +110,18 @@ def demo(
     )
     settings = Settings(
         collections=collections,
-        models=ModelSettings(dual_encoder=DEMO_MODEL, reranker=DEMO_MODEL),
+        models=ModelSettings(dual_encoder=model, reranker=model),
         server=ServerSettings(host=host, port=port),
     )
     if examples:
         engine = SearchEngine(settings, dual_encoder=dual, cross_encoder=cross)
         engine.load()
         try:
-            fixed, better, worse = find_examples(engine, karpathy)
+            fixed, better, worse, probed = find_examples(engine, karpathy)
         finally:
             engine.close()
         typer.echo(
-            f"\nOn 80 test captions the ITM rerank moved the caption's own image up for {better} and down for "
+            f"\nOn {probed} test captions the ITM rerank moved the caption's own image up for {better} and down for "
             f"{worse}. Queries where the rerank puts the right image first (ITC had it lower):"
         )
         for ex in fixed[:examples]:
