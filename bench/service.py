@@ -1,11 +1,12 @@
 """Service throughput and latency: micro-batching vs per-request execution, rerank on and off.
 
 Builds a small scenes collection with the benchmark's dual encoder (and the reranker's feature cache), then
-starts a real ``alignfuse serve`` process on 127.0.0.1 twice: once with micro-batching (the default
-settings) and once per-request (``ALIGNFUSE_BATCHING__MAX_BATCH=1``). Against each it runs a bounded,
-closed-loop asyncio load (httpx: ``concurrency`` clients, each sending its next text query when the previous
-answer arrives) for ``--duration`` seconds per cell, with rerank off and on, at each concurrency. Reports
-throughput, p50/p99 latency, errors, and the mean micro-batch size (from ``/metrics``).
+starts two real ``alignfuse serve`` processes on 127.0.0.1: one with micro-batching (``--max-batch``) and one
+per-request (``ALIGNFUSE_BATCHING__MAX_BATCH=1``). Against each it runs a bounded, closed-loop asyncio load
+(httpx: ``concurrency`` clients, each sending its next text query when the previous answer arrives) for
+``--duration`` seconds per cell, rerank off and on, at each concurrency; the cells alternate between the two
+servers so that drift in the machine's background load affects both alike. Reports throughput, p50/p99
+latency, errors, and the mean micro-batch size of query encoding (from ``/metrics``).
 
 Usage::
 
@@ -274,7 +275,7 @@ def main() -> None:
     ap.add_argument("--reranker", default="albef:tiny")
     ap.add_argument("--scenes", type=int, default=60, help="scenes in the benchmark collection")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--duration", type=float, default=12.0, help="measured seconds per cell")
+    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each cell")
     ap.add_argument("--candidates", type=int, default=32, help="C: candidates reranked per query")
     ap.add_argument("--k", type=int, default=10)
@@ -300,34 +301,36 @@ def main() -> None:
             "ALIGNFUSE_BATCHING__QUEUE_SIZE": "1024",
             "ALIGNFUSE_BATCHING__MAX_WAIT_MS": str(args.max_wait_ms),
         }
-        for batching in (True, False):
-            env = {**common_env, "ALIGNFUSE_BATCHING__MAX_BATCH": str(args.max_batch if batching else 1)}
-            log.info("starting server (%s)", "micro-batched" if batching else "per-request")
-            server = Server(root, args.model, args.reranker, env)
-            try:
-                for rerank in (False, True):
-                    body = {
-                        "collection": "bench",
-                        "k": args.k,
-                        "candidates": args.candidates,
-                        "rerank": rerank,
-                    }
-                    for conc in concurrency:
+        # both servers run side by side (one idles while the other is measured) and the cells alternate
+        # between them, so a change in the machine's background load hits both modes alike
+        servers: dict[bool, Server] = {}
+        try:
+            for batching in (True, False):
+                env = {**common_env, "ALIGNFUSE_BATCHING__MAX_BATCH": str(args.max_batch if batching else 1)}
+                log.info("starting server (%s)", "micro-batched" if batching else "per-request")
+                servers[batching] = Server(root, args.model, args.reranker, env)
+            for rerank in (False, True):
+                body = {"collection": "bench", "k": args.k, "candidates": args.candidates, "rerank": rerank}
+                for conc in concurrency:
+                    for batching in (True, False):
+                        server = servers[batching]
                         server.wait_idle()
                         before = server.metrics()
                         res = asyncio.run(load(server.url, queries, conc, args.duration, args.warmup, body))
                         mean_batch = batch_stats(before, server.metrics())
-                        cell = {
-                            "batching": batching,
-                            "max_batch": args.max_batch if batching else 1,
-                            "rerank": rerank,
-                            "concurrency": conc,
-                            **res,
-                            "mean_encode_batch": mean_batch,
-                        }
-                        cells.append(cell)
+                        cells.append(
+                            {
+                                "batching": batching,
+                                "max_batch": args.max_batch if batching else 1,
+                                "rerank": rerank,
+                                "concurrency": conc,
+                                **res,
+                                "mean_encode_batch": mean_batch,
+                            }
+                        )
                         log.info(
-                            "%-13s rerank=%-5s conc=%3d: %7.1f req/s  p50 %8.1f ms  p99 %8.1f ms  batch %.1f  errors %d",
+                            "%-13s rerank=%-5s conc=%3d: %7.1f req/s  p50 %8.1f ms  p99 %8.1f ms  batch %.1f  "
+                            "errors %d",
                             "batched" if batching else "per-request",
                             rerank,
                             conc,
@@ -337,7 +340,8 @@ def main() -> None:
                             mean_batch or float("nan"),
                             res["errors"],
                         )
-            finally:
+        finally:
+            for server in servers.values():
                 server.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
