@@ -138,8 +138,9 @@ def _allowed(colour: str, shape: str, split: str) -> bool:
 
 def _place(
     rng: np.random.Generator, radii: Sequence[float], relation: str | None
-) -> list[tuple[float, float]]:
-    """Non-overlapping centres; when ``relation`` is given the first two objects satisfy it."""
+) -> list[tuple[float, float]] | None:
+    """Non-overlapping centres; when ``relation`` is given the first two objects satisfy it. None when 500
+    random tries fail (the caller then shrinks the objects)."""
     for _ in range(500):
         pts: list[tuple[float, float]] = []
         if relation is not None:

@@ -719,7 +719,7 @@ class Trainer:
                 rec = {
                     "epoch": self.state.epoch,
                     "step": self.state.step,
-                    "lr": self.scheduler.get_last_lr()[0],
+                    "lr": self.optimizer.param_groups[0]["lr"],
                     **{k: v for k, v in out.items() if not k.startswith("_")},
                 }
                 if now - t_last > 0:

@@ -57,6 +57,8 @@ def _split_rows(arr: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
 
 
 class DualHandlers:
+    """Batch handlers of the dual-encoder worker: payloads are lists of texts / pixel batches."""
+
     def __init__(self, model: DualEncoder) -> None:
         self.model = model
 
@@ -79,6 +81,9 @@ class DualHandlers:
 
 
 class CrossHandlers:
+    """Batch handlers of the cross-encoder worker: ``rerank`` (RerankJob payloads) and ``tokens`` (vision
+    tokens of pixel batches, for the feature cache of uploads)."""
+
     def __init__(self, model: CrossEncoder, max_pairs: int) -> None:
         self.model = model
         self.max_pairs = max_pairs

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from models.errors import UnauthorizedError
+from models.errors import UnauthorizedError, UnsupportedMediaError
 
 from ..engine import SearchEngine
 from ..metrics import Metrics
@@ -60,3 +60,31 @@ async def require_write(request: Request, settings: SettingsDep) -> None:
 
 ReadAuth = Depends(require_read)
 WriteAuth = Depends(require_write)
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON."""
+    ctype = _content_type(request)
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaError(
+            f"content type {ctype or 'none'!r}: this endpoint takes application/json",
+            detail={"accepted": ["application/json"]},
+        )
+
+
+async def require_multipart(request: Request) -> None:
+    """415 unless the body is a multipart form (file upload)."""
+    ctype = _content_type(request)
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaError(
+            f"content type {ctype or 'none'!r}: this endpoint takes multipart/form-data",
+            detail={"accepted": ["multipart/form-data"]},
+        )
+
+
+JsonBody = Depends(require_json)
+MultipartBody = Depends(require_multipart)

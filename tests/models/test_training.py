@@ -163,7 +163,9 @@ def test_forward_returns_typed_losses(vocab: Path) -> None:
     )
     losses = arch.model(batch, alpha=0.4)
     assert losses.total.requires_grad
-    assert float(losses.itc.detach()) > 0 and float(losses.itm.detach()) > 0 and float(losses.mlm.detach()) > 0
+    assert (
+        float(losses.itc.detach()) > 0 and float(losses.itm.detach()) > 0 and float(losses.mlm.detach()) > 0
+    )
     assert 0.0 <= losses.itm_acc <= 1.0 and not np.isnan(losses.itm_pert_acc)
     ptr = int(arch.model.queue_ptr)
     assert ptr == 4 and torch.equal(arch.model.idx_queue[0, :4], torch.arange(4))
@@ -254,21 +256,59 @@ def test_cli_trains_albef_and_clip_on_scenes(tmp_path: Path) -> None:
     log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     val = next(r["val"] for r in log if "val" in r)
     assert {"itc_tr_r1", "rerank_ir_r1", "itm_acc_random", "itm_acc_perturbed", "group_acc_itm"} <= set(val)
-    assert (tmp_path / "a" / "scenes-albef.safetensors").is_file() and (tmp_path / "a" / "vocab.txt").is_file()
+    assert (tmp_path / "a" / "scenes-albef.safetensors").is_file() and (
+        tmp_path / "a" / "vocab.txt"
+    ).is_file()
     clip_cfg = tmp_path / "clip.json"
     clip_cfg.write_text(
         json.dumps(
             {
                 "embed_dim": 16,
-                "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+                "vision_cfg": {
+                    "image_size": 64,
+                    "layers": 1,
+                    "width": 32,
+                    "head_width": 16,
+                    "patch_size": 16,
+                },
                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
             }
         )
     )
     res = runner.invoke(
-        app, ["train", *common, "--arch", "clip", "--model-config", str(clip_cfg), "--out", str(tmp_path / "c")]
+        app,
+        ["train", *common, "--arch", "clip", "--model-config", str(clip_cfg), "--out", str(tmp_path / "c")],
     )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "clip.json").read_text()) == json.loads(clip_cfg.read_text())
-    res = runner.invoke(app, ["train", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
+    res = runner.invoke(
+        app, ["train", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")]
+    )
     assert res.exit_code != 0
+
+
+def test_mlm_masking_follows_bert_and_concept_groups(vocab: Path) -> None:
+    arch = _arch(vocab, TrainOptions(batch_size=4))
+    model = arch.model
+    ids, mask = arch.tok(["a red block on the left", "a blue block on the right"] * 200)
+    gen = torch.Generator().manual_seed(0)
+    masked, labels = model.mask_tokens(ids, mask, gen)
+    chosen = labels != -100
+    real = mask.bool() & (ids != arch.tok.cls_id)
+    assert not chosen[:, 0].any() and not (chosen & ~real).any()  # never [CLS] or padding
+    assert 0.11 < chosen.sum() / real.sum() < 0.19  # ~15%
+    frac_mask = float((masked[chosen] == arch.tok.mask_id).float().mean())
+    assert 0.7 < frac_mask < 0.9  # 80% [MASK], the rest random or kept
+    assert torch.equal(labels[chosen], ids[chosen])
+    # concept masking: every colour word of a caption is chosen together
+    colour_ids = tuple(WORDS.index(c) for c in COLOURS)
+    model.options = AlbefTrainingOptions(
+        queue_size=64,
+        mlm=True,
+        concept_mask_prob=1.0,
+        concept_groups=(colour_ids,),
+        special_ids=model.options.special_ids,
+    )
+    masked, labels = model.mask_tokens(ids, mask, gen)
+    is_colour = torch.isin(ids, torch.tensor(colour_ids))
+    assert torch.equal(labels != -100, is_colour)

@@ -129,6 +129,14 @@ def test_search_errors(client: TestClient) -> None:
     _err(
         post({"collection": "plain", "image": base64.b64encode(_bomb_png()).decode()}), 422, "image_too_large"
     )
+    body = b'{"collection": "plain", "text": "x"}'
+    _err(
+        client.post("/v1/search", content=body, headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media",
+    )
+    _err(client.post("/v1/search", data={"collection": "plain", "text": "x"}), 415, "unsupported_media")
+    _err(client.post("/v1/search/image", json={"collection": "plain"}), 415, "unsupported_media")
     r = client.post("/v1/search", content=b"{not json", headers={"content-type": "application/json"})
     _err(r, 422, "invalid_input")
     _err(client.get("/v1/nothing-here"), 404, "not_found")
@@ -152,7 +160,11 @@ def test_search_image_upload_errors(client_factory: ClientFactory, world: World)
         data={"collection": "plain", "k": "0"},
     )
     _err(r, 422)
-    _err(client.post("/v1/search/image", data={"collection": "plain"}), 422)
+    _err(client.post("/v1/search/image", data={"collection": "plain"}), 415)  # a form without any file
+    no_file = client.post(
+        "/v1/search/image", files={"other": ("a.txt", b"x", "text/plain")}, data={"collection": "plain"}
+    )
+    _err(no_file, 422)
 
 
 def test_request_body_limits(client_factory: ClientFactory) -> None:

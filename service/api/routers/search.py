@@ -14,7 +14,7 @@ from models.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMe
 
 from ...images import IMAGE_CONTENT_TYPES
 from ...types import SearchRequest, SearchResponse
-from ..deps import EngineDep, ReadAuth, SettingsDep
+from ..deps import EngineDep, JsonBody, MultipartBody, ReadAuth, SettingsDep
 from ..schemas import ERROR_RESPONSES, Fusion, Modality, SearchBody, SearchOut
 
 router = APIRouter(prefix="/v1/search", tags=["search"], dependencies=[ReadAuth], responses=ERROR_RESPONSES)
@@ -56,7 +56,12 @@ def _json(resp: SearchResponse) -> Response:
     return Response(SearchOut.model_validate(resp).model_dump_json(), media_type="application/json")
 
 
-@router.post("", response_model=SearchOut, summary="Search with a text or a base64 image (JSON)")
+@router.post(
+    "",
+    response_model=SearchOut,
+    dependencies=[JsonBody],
+    summary="Search with a text or a base64 image (JSON)",
+)
 async def search(body: SearchBody, engine: EngineDep, settings: SettingsDep) -> Response:
     image = None if body.image is None else _decode_b64(body.image, settings.limits.max_upload_bytes)
     req = SearchRequest(
@@ -74,7 +79,12 @@ async def search(body: SearchBody, engine: EngineDep, settings: SettingsDep) -> 
     return _json(await engine.search(req))
 
 
-@router.post("/image", response_model=SearchOut, summary="Search with an uploaded image (multipart)")
+@router.post(
+    "/image",
+    response_model=SearchOut,
+    dependencies=[MultipartBody],
+    summary="Search with an uploaded image (multipart)",
+)
 async def search_image(
     engine: EngineDep,
     settings: SettingsDep,
