@@ -21,9 +21,11 @@ sysdeps:
 	bash scripts/install-browser.sh
 	bash scripts/install-tools.sh
 
-# Lint, then the whole offline test suite (browser tests included).
+# Lint and type-check, then the whole offline test suite (browser, crash and demo tests included).
 test: install sysdeps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 test-fast: install

@@ -29,7 +29,7 @@ class OpenClipDualEncoder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Any,
         transform: Callable[[Any], torch.Tensor],
         tokenizer: Callable[[Sequence[str]], torch.Tensor],
         info: ModelInfo,

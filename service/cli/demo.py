@@ -35,7 +35,7 @@ def _true_rank(hits: list, target_name: str, attr: str) -> int | None:
 
 def find_examples(
     engine: object, karpathy: Path, *, probe: int = 80, k: int = 10
-) -> tuple[list[Example], int, int]:
+) -> tuple[list[Example], int, int, int]:
     """Run ``probe`` test captions with and without rerank; return examples where the rerank fixed the order,
     and how many probes the rerank improved / worsened (rank of the caption's own image)."""
     import json
