@@ -1,0 +1,21 @@
+"""Write the service's OpenAPI schema to docs/openapi.json (tests/service/test_openapi.py keeps it in sync)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from service.api import create_app
+from service.settings import Settings
+
+
+def openapi_json() -> str:
+    app = create_app(Settings(collections=Path("/nonexistent-collections-root")))
+    return json.dumps(app.openapi(), indent=1, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
+    out.write_text(openapi_json())
+    sys.stderr.write(f"wrote {out}\n")
