@@ -304,8 +304,19 @@ def search_command(
         None, "--modality", help="Search image or text items (default: the other modality, if indexed)."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    rerank: bool | None = typer.Option(
+        None,
+        "--rerank/--no-rerank",
+        help="Two-stage search: rerank the top candidates with the cross-encoder (default: when one is known).",
+    ),
+    reranker: str | None = typer.Option(
+        None,
+        "--reranker",
+        help="Cross-encoder spec (default: the one recorded in the collection's manifest).",
+    ),
+    candidates: int = typer.Option(128, "--candidates", help="Dual-encoder candidates to rerank."),
 ) -> None:
-    """Search a collection with the dual encoder that built it (stage 1 only)."""
+    """Search a collection: dual encoder + FAISS, then (when a reranker is known) the cross-encoder rerank."""
     from PIL import Image, UnidentifiedImageError
 
     from index import Collection
@@ -322,8 +333,21 @@ def search_command(
         raise NotFoundError(f"--image: file not found: {image}")
     _check_collection(collection)
     dev = _check_device(device)
+    _check_positive("--candidates", candidates)
     with Collection.open(collection) as c:
-        encoder = create_dual_encoder(c.manifest.encoder.spec, dev, "fp32")
+        reranker_spec = reranker or (c.manifest.reranker.spec if c.manifest.reranker is not None else None)
+        encoder_spec = c.manifest.encoder.spec
+    if rerank is None:
+        rerank = reranker_spec is not None
+    if rerank:
+        if reranker_spec is None:
+            raise InvalidInputError("--rerank: no reranker recorded in the collection; pass --reranker SPEC")
+        _two_stage_search(
+            collection, encoder_spec, reranker_spec, str(dev), text, image, k, candidates, modality
+        )
+        return
+    with Collection.open(collection) as c:
+        encoder = create_dual_encoder(encoder_spec, dev, "fp32")
         c.check_encoder(encoder.info)
         if text is not None:
             q = encoder.encode_texts([text])
@@ -352,6 +376,60 @@ def search_command(
                 label += f"\n[dim]{h.item.text}[/]"
             table.add_row(str(h.rank), str(h.id), f"{h.score:.4f}", label)
         console.print(table)
+
+
+def _two_stage_search(
+    collection: Path,
+    encoder_spec: str,
+    reranker_spec: str,
+    device: str,
+    text: str | None,
+    image: Path | None,
+    k: int,
+    candidates: int,
+    modality: str | None,
+) -> None:
+    """Both stages in process, through the same engine the server uses."""
+    from ..engine import SearchEngine
+    from ..settings import LimitSettings, ModelSettings, Settings
+    from ..types import SearchRequest
+
+    settings = Settings(
+        collections=collection.resolve().parent,
+        models=ModelSettings(dual_encoder=encoder_spec, reranker=reranker_spec, device=device, warmup=False),
+        limits=LimitSettings(max_k=max(k, 100), max_candidates=max(candidates, 512)),
+    )
+    engine = SearchEngine(settings)
+    engine.load()
+    try:
+        resp = engine.search_sync(
+            SearchRequest(
+                collection=collection.resolve().name,
+                text=text,
+                image=image.read_bytes() if image is not None else None,
+                target=modality,  # type: ignore[arg-type]
+                k=k,
+                candidates=max(candidates, k),
+                rerank=True,
+            )
+        )
+    finally:
+        engine.close()
+    t = resp.timings
+    table = Table(
+        title=f"{collection} (version {resp.version}): top {k} {resp.target} items, "
+        f"{resp.pairs_scored} pairs reranked; encode {t.encode:.0f} ms, ann {t.ann:.0f} ms, "
+        f"rerank {t.rerank:.0f} ms"
+    )
+    for col in ("rank", "was", "id", "itm p", "itc", "uri / caption"):
+        table.add_column(col, justify="left" if col == "uri / caption" else "right", overflow="fold")
+    for h in resp.hits:
+        label = h.uri if h.kind == "image" else (h.caption or "")
+        if h.kind == "image" and h.caption:
+            label += f"\n[dim]{h.caption}[/]"
+        prob = "-" if h.itm_prob is None else f"{h.itm_prob:.3f}"
+        table.add_row(str(h.rank), str(h.rank_itc), str(h.id), prob, f"{h.itc:.4f}", label)
+    console.print(table)
 
 
 def compact_command(
