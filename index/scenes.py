@@ -605,18 +605,25 @@ def _swap_words(words: list[str], vocab: set[str], rng: np.random.Generator) -> 
 
 
 def perturb_caption(
-    caption: str, objects: Sequence[SceneObject | dict], rng: np.random.Generator, tries: int = 12
+    caption: str,
+    objects: Sequence[SceneObject | dict],
+    rng: np.random.Generator,
+    tries: int = 12,
+    easy: float = 0.0,
 ) -> str | None:
     """A minimally edited caption that is *false* for the scene: two colour words swapped, two shape words
     swapped, the relation reversed, or a colour/shape word replaced (preferably by one that occurs in the
-    scene). ``None`` when no such edit is found."""
+    scene). With probability ``easy`` the edit is instead the easiest kind: a colour or shape word replaced
+    by one that does not occur in the scene at all (presence, not binding; a curriculum for training).
+    ``None`` when no such edit is found."""
     objs = [o if isinstance(o, SceneObject) else SceneObject(**o) for o in objects]
     words = caption.split()
     colours, shapes = set(COLOURS), set(SHAPES) | set(_PLURAL.values())
     scene_colours = sorted({o.colour for o in objs})
     scene_shapes = sorted({o.shape for o in objs})
+    absent = easy > 0 and rng.random() < easy
     for _ in range(tries):
-        op = int(rng.integers(0, 5))
+        op = int(rng.integers(3, 5)) if absent else int(rng.integers(0, 5))
         new: list[str] | None = None
         if op == 0:
             new = _swap_words(words, colours, rng)
@@ -638,7 +645,10 @@ def perturb_caption(
             pos = [i for i, w in enumerate(words) if w in colours]
             if pos:
                 i = int(rng.choice(pos))
-                pool = [c for c in scene_colours if c != words[i]] if rng.random() < 0.6 else []
+                if absent:
+                    pool = [c for c in COLOURS if c not in scene_colours]
+                else:
+                    pool = [c for c in scene_colours if c != words[i]] if rng.random() < 0.6 else []
                 pool = pool or [c for c in COLOURS if c != words[i]]
                 new = list(words)
                 new[i] = pool[int(rng.integers(0, len(pool)))]
@@ -647,7 +657,10 @@ def perturb_caption(
             if pos:
                 i = int(rng.choice(pos))
                 cur = _SINGULAR.get(words[i], words[i])
-                pool = [s for s in scene_shapes if s != cur] if rng.random() < 0.6 else []
+                if absent:
+                    pool = [s for s in SHAPES if s not in scene_shapes]
+                else:
+                    pool = [s for s in scene_shapes if s != cur] if rng.random() < 0.6 else []
                 pool = pool or [s for s in SHAPES if s != cur]
                 s = pool[int(rng.integers(0, len(pool)))]
                 new = list(words)

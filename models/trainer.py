@@ -58,6 +58,8 @@ class PairData:
     perturb: Callable[[str, int, np.random.Generator], str | None] | None = None
     matches: Callable[[str, int], bool] | None = None
     captions_of: list[list[int]] = field(default_factory=list)
+    #: share of "easy" perturbations (a word replaced by one absent from the image); set by the trainer
+    perturb_easy: float = 0.0
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -118,6 +120,9 @@ class TrainOptions:
     #: ITM extra negatives from caption perturbation (when the data has ``perturb``)
     perturb_negatives: bool = True
     perturb_count: int = 1  # perturbed captions per image and step
+    #: curriculum: share of easy perturbations (absent colour/shape) from start to end of training
+    perturb_easy_start: float = 0.0
+    perturb_easy_end: float = 0.0
     #: after this many epochs, this fraction of each batch are group siblings of other batch images
     group_mix: float = 0.0
     group_mix_after: float = 1.0
@@ -641,6 +646,22 @@ class Trainer:
         log.info("saved checkpoint %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
         return path
 
+    def init_model_from(self, path: str | Path) -> None:
+        """Start from a checkpoint's model weights (incl. momentum encoders and queues) with fresh optimizer,
+        schedule and step count (a second training stage)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "checkpoint.pth"
+        if not p.is_file():
+            raise CheckpointError(f"no checkpoint at {p}")
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+        missing, unexpected = self.arch.model.load_state_dict(blob.get("model", blob), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{p} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        log.info("initialised the model from %s (step %s)", p, blob.get("step"))
+
     def load_checkpoint(self, path: str | Path) -> None:
         p = Path(path)
         if p.is_dir():
@@ -696,6 +717,7 @@ class Trainer:
                 b = self.state.batch_in_epoch
                 frac = (b + 1) / len(batches) if self.state.epoch == 0 else 1.0
                 torch.manual_seed(opts.seed * 1_000_003 + self.state.step * 97 + accum)
+                self.data.perturb_easy = self._easy_share(start)
                 with self._autocast():
                     out = self.arch.step_loss(self.data, batches[b], self.state.step, frac)
                 loss = out.pop("_total") / opts.grad_accum
@@ -747,6 +769,18 @@ class Trainer:
         if stop and self.state.batch_in_epoch:
             self.save_checkpoint()
         return self.state
+
+    def _progress(self, start: float) -> float:
+        p = self.state.step / max(1, self.total_steps)
+        if self.opts.time_schedule and self.opts.max_minutes:
+            p = max(p, (self.state.elapsed_s + time.monotonic() - start) / (self.opts.max_minutes * 60))
+        return min(1.0, p)
+
+    def _easy_share(self, start: float) -> float:
+        a, b = self.opts.perturb_easy_start, self.opts.perturb_easy_end
+        if a == b:
+            return a
+        return a + (b - a) * self._progress(start)
 
     def _time_lr(self, elapsed: float) -> None:
         opts = self.opts

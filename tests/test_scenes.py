@@ -157,3 +157,20 @@ def test_render_is_pure_and_validates() -> None:
         render_scene(spec, 8)
     with pytest.raises(InvalidInputError):
         sample_scenes(0, 5, "nope")
+
+
+def test_easy_perturbations_name_something_absent() -> None:
+    rng = np.random.default_rng(9)
+    made = 0
+    for spec in sample_scenes(6, 40, "train"):
+        present = {o.colour for o in spec.objects} | {o.shape for o in spec.objects}
+        for cap in caption_scene(spec, rng)[:2]:
+            neg = perturb_caption(cap, spec.objects, rng, easy=1.0)
+            if neg is None:
+                continue
+            made += 1
+            assert not caption_matches(neg, spec.objects)
+            new_words = {w.removesuffix("es") if w == "crosses" else w.rstrip("s") for w in neg.split()}
+            new_words -= {w.removesuffix("es") if w == "crosses" else w.rstrip("s") for w in cap.split()}
+            assert new_words and not new_words & present, (cap, neg)
+    assert made > 40

@@ -98,7 +98,7 @@ def _attach_scene_functions(data: PairData, objects: list[Any]) -> None:
         return claim_holds(parse(caption), scene_objs[image])
 
     def perturb(caption: str, image: int, rng: np.random.Generator) -> str | None:
-        return perturb_caption(caption, scene_objs[image], rng)
+        return perturb_caption(caption, scene_objs[image], rng, easy=data.perturb_easy)
 
     data.matches = matches
     data.perturb = perturb
@@ -161,6 +161,10 @@ def train(
     perturb_count: int = typer.Option(
         1, "--perturb-count", help="ALBEF: perturbed captions per image and step."
     ),
+    perturb_easy: tuple[float, float] = typer.Option(
+        (0.0, 0.0), "--perturb-easy", help="ALBEF: share of easy perturbations (absent word), start and end."
+    ),
+    init_from: Path | None = typer.Option(None, "--init-from", help="Start from a checkpoint's model weights."),
     group_mix: float = typer.Option(
         0.0, "--group-mix", help="Share of each batch filled with group siblings."
     ),
@@ -205,6 +209,8 @@ def train(
         precision=precision,  # type: ignore[arg-type]
         perturb_negatives=perturb_negatives,
         perturb_count=perturb_count,
+        perturb_easy_start=perturb_easy[0],
+        perturb_easy_end=perturb_easy[1],
         group_mix=group_mix,
         group_mix_after=group_mix_after,
         eval_max_images=eval_images,
@@ -251,6 +257,8 @@ def train(
         trainer = Trainer(arch_obj, train_data, opts, out, val=val_data, progress=progress)
         if resume:
             trainer.load_checkpoint(out)
+        elif init_from is not None:
+            trainer.init_model_from(init_from)
         trainer.train()
     files = arch_obj.save_weights(out, name or f"{arch}")
     typer.echo(

@@ -1,0 +1,158 @@
+"""Quality and cost of the three retrieval modes on the built-in scenes (issue: offline default acceptance).
+
+For each split (held-out test, seed 3; compositional, seed 4: the seeds of the shipped models' model cards):
+generate 1,000 scenes if absent, build a collection with the shipped ALBEF (ITC = dual encoder, rerank cache of
+its image tokens), then run ALBEF's protocol (index.evaluation.evaluate):
+  * dual + rerank (top-k_test) on the whole split;
+  * dual + rerank + all_pairs on the first ``--all-pairs-limit`` images (all pairs of 1,000 images x 5,000
+    captions = 5M cross-encoder forwards, ~25 min per split on this 2-core CPU; the subset keeps the
+    comparison of rerank vs all-pairs on one identical gallery).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_scenes.py --split test
+    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_scenes.py --split compositional
+    .venv/bin/python bench/eval_scenes.py --report      # table + plot from the JSON files
+
+Writes bench/results/eval_scenes_<split>.json; ``--report`` writes bench/results/eval_scenes.png and prints the
+markdown table used in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SEEDS = {"test": 3, "compositional": 4}
+MODEL = "alignfuse:scenes-albef"
+
+
+def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, threads: int) -> dict:
+    import torch
+
+    from index import BuildOptions, build_collection, open_source
+    from index.evaluation import evaluate
+    from index.scenes import generate_scenes
+    from models.registry import create_cross_encoder, create_dual_encoder
+
+    torch.set_num_threads(threads)
+    seed = SEEDS[split]
+    scenes_dir = data / f"{split}-seed{seed}-n{count}"
+    karpathy = scenes_dir / "scenes.json"
+    if not karpathy.is_file():
+        generate_scenes(scenes_dir, seed=seed, count=count, split=split)
+    dual = create_dual_encoder(MODEL)
+    cross = create_cross_encoder(MODEL)
+    coll = data / "collections" / f"{split}-{seed}-{count}"
+    t0 = time.perf_counter()
+    build = build_collection(
+        coll,
+        open_source(karpathy=karpathy, image_root=scenes_dir),
+        dual,
+        options=BuildOptions(rerank_cache=True, batch_size=128, progress=False),
+        cross_encoder=cross,
+    )
+    build_s = time.perf_counter() - t0
+    full = evaluate(
+        coll, karpathy, scenes_dir, dual, cross, modes=("dual", "rerank"), k_test=k_test, batch_size=256
+    )
+    sub = evaluate(
+        coll,
+        karpathy,
+        scenes_dir,
+        dual,
+        cross,
+        modes=("dual", "rerank", "all_pairs"),
+        k_test=k_test,
+        batch_size=512,
+        limit=ap_limit,
+    )
+    return {
+        "split": split,
+        "seed": seed,
+        "model": MODEL,
+        "model_id": dual.info.id,
+        "k_test": k_test,
+        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU; torch threads {threads}",
+        "build": {"items": build.added + build.skipped_existing, "seconds": round(build_s, 1)},
+        "full": full.to_json(),
+        "all_pairs_subset": sub.to_json(),
+    }
+
+
+def report() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, split in zip(axes, ("test", "compositional"), strict=True):
+        path = RESULTS / f"eval_scenes_{split}.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        for scope, block in (("full", res["full"]), ("subset", res["all_pairs_subset"])):
+            n_i, n_t = block["meta"]["n_images"], block["meta"]["n_texts"]
+            for mode in ("dual", "rerank", "all_pairs"):
+                if mode not in block:
+                    continue
+                m = block[mode]
+                rows.append(
+                    f"| {split} | {n_i}×{n_t} | {mode} | {m['tr_r1']:.1f} / {m['tr_r5']:.1f} / {m['tr_r10']:.1f} | "
+                    f"{m['ir_r1']:.1f} / {m['ir_r5']:.1f} / {m['ir_r10']:.1f} | {m['r_mean']:.1f} | "
+                    f"{100 * m.get('group_acc_t2i', float('nan')):.1f} (chance {100 * m.get('group_acc_t2i_chance', float('nan')):.1f}) | "
+                    f"{100 * m.get('group_acc_i2t', float('nan')):.1f} (chance {100 * m.get('group_acc_i2t_chance', float('nan')):.1f}) | "
+                    f"{m['encoder_passes']:,} | {m['pair_evals']:,} | {m['seconds']:.1f} |"
+                )
+            if scope == "subset":
+                modes = [m for m in ("dual", "rerank", "all_pairs") if m in block]
+                x = range(len(modes))
+                ax.bar([i - 0.2 for i in x], [block[m]["tr_r1"] for m in modes], 0.4, label="TR@1")
+                ax.bar([i + 0.2 for i in x], [block[m]["ir_r1"] for m in modes], 0.4, label="IR@1")
+                ax.set_xticks(list(x), [f"{m}\n{block[m]['pair_evals']:,} pairs" for m in modes])
+                ax.set_title(f"{split}: {n_i} images × {n_t} captions")
+                ax.set_ylabel("R@1 (%)")
+                ax.legend()
+    fig.suptitle(f"{MODEL}: dual encoder vs ITM rerank vs all pairs (ALBEF protocol)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "eval_scenes.png", dpi=110)
+    print(
+        "| split | gallery | mode | TR R@1/5/10 | IR R@1/5/10 | r_mean | group acc t2i | group acc i2t | "
+        "encoder passes | pair evals | seconds |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--split", choices=sorted(SEEDS))
+    ap.add_argument("--data", type=Path, default=ROOT / "demo-data" / "eval")
+    ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--k-test", type=int, default=16)
+    ap.add_argument("--all-pairs-limit", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.report:
+        report()
+        return
+    if args.split is None:
+        ap.error("--split or --report is required")
+    res = run_split(args.split, args.data, args.count, args.k_test, args.all_pairs_limit, args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"eval_scenes_{args.split}.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    logging.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()
