@@ -67,7 +67,7 @@ def demo(
     ),
     count: int = typer.Option(1000, "--count", min=10, help="Number of test scenes in the demo gallery."),
     seed: int = typer.Option(
-        0, "--seed", help="Scene generator seed (the held-out test split of the shipped models)."
+        3, "--seed", help="Scene generator seed (3 = the held-out test split of the shipped models' cards)."
     ),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
