@@ -16,6 +16,10 @@ def openapi_json() -> str:
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
+    out = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
+    )
     out.write_text(openapi_json())
     sys.stderr.write(f"wrote {out}\n")

@@ -164,7 +164,9 @@ def train(
     perturb_easy: tuple[float, float] = typer.Option(
         (0.0, 0.0), "--perturb-easy", help="ALBEF: share of easy perturbations (absent word), start and end."
     ),
-    init_from: Path | None = typer.Option(None, "--init-from", help="Start from a checkpoint's model weights."),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Start from a checkpoint's model weights."
+    ),
     group_mix: float = typer.Option(
         0.0, "--group-mix", help="Share of each batch filled with group siblings."
     ),

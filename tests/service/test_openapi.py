@@ -14,7 +14,9 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 def test_openapi_matches_committed_schema() -> None:
     current = json.loads(openapi_json())
     committed = json.loads(DOC.read_text())
-    assert current == committed, "API schema changed: run `python scripts/export_openapi.py` and review the diff"
+    assert current == committed, (
+        "API schema changed: run `python scripts/export_openapi.py` and review the diff"
+    )
 
 
 def test_openapi_names_every_endpoint() -> None:
