@@ -1,0 +1,51 @@
+"""The shipped models load through their specs and reproduce the numbers their model cards quote on a small
+held-out subset (models/weights/card_metrics.json, written by `bench/eval_scenes.py --card`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CARD = ROOT / "models" / "weights" / "card_metrics.json"
+sys.path.insert(0, str(ROOT / "bench"))
+
+KEYS = ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "r_mean")
+
+
+@pytest.mark.skipif(not CARD.is_file(), reason="no card metrics committed")
+def test_shipped_models_reproduce_their_card(tmp_path: Path) -> None:
+    from eval_scenes import card_metrics
+
+    expected = json.loads(CARD.read_text())
+    got = card_metrics(tmp_path)
+    assert got["subset"] == expected["subset"]
+    for spec in ("alignfuse:scenes-albef", "alignfuse:scenes-clip"):
+        # the weights are the ones the card was measured with
+        assert got[spec]["model_id"] == expected[spec]["model_id"], spec
+        for mode in ("dual", "rerank"):
+            for key in KEYS:
+                # deterministic on CPU; the tolerance covers float summation order on other CPUs (ties flip)
+                assert got[spec][mode][key] == pytest.approx(expected[spec][mode][key], abs=1.5), (
+                    spec,
+                    mode,
+                    key,
+                )
+
+
+def test_shipped_weights_load_and_fit_the_size_budget() -> None:
+    from models.registry import create_cross_encoder, create_dual_encoder
+
+    weights = ROOT / "models" / "weights"
+    total = sum(p.stat().st_size for p in weights.glob("*.safetensors"))
+    assert total <= 25 * 1024 * 1024, f"shipped weights are {total / 2**20:.1f} MB (budget 25 MB)"
+    albef = create_cross_encoder("alignfuse:scenes-albef")
+    assert albef.info.weights != "random-init"
+    clip = create_dual_encoder("alignfuse:scenes-clip")
+    assert clip.info.weights.endswith("scenes-clip.safetensors")
+    for card in ("scenes-albef.md", "scenes-clip.md"):
+        text = (weights / card).read_text()
+        assert "alignfuse train" in text and "seed" in text
