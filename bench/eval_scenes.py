@@ -5,7 +5,7 @@ generate 1,000 scenes if absent, build a collection with the shipped ALBEF (ITC 
 its image tokens), then run ALBEF's protocol (index.evaluation.evaluate):
   * dual + rerank (top-k_test) on the whole split;
   * dual + rerank + all_pairs on the first ``--all-pairs-limit`` (500) images and their 2,500 captions: all
-    pairs of the whole split would be 5M cross-encoder forwards (over an hour of this 2-core CPU per split);
+    pairs of the whole split are 5M cross-encoder forwards (~15 min per split, 1 thread, on this CPU);
     the subset keeps rerank vs all-pairs on one identical gallery.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_scenes.py --split test
