@@ -125,6 +125,19 @@ class MatchScores:
     prob: np.ndarray  # float32 [n]: softmax(logits)[:, 1]
 
 
+def pair_count(text: TextStates, images: ImageStates) -> int:
+    """How many pairs ``CrossEncoder.score(text, images)`` scores: equal batches pair up, a batch of 1
+    broadcasts. Raises InvalidInputError otherwise (the one place this rule lives)."""
+    from .errors import InvalidInputError
+
+    nt, ni = len(text), len(images)
+    if nt == 0 or ni == 0:
+        return 0
+    if nt != ni and 1 not in (nt, ni):
+        raise InvalidInputError(f"cannot pair {nt} texts with {ni} images (need equal counts or one side 1)")
+    return max(nt, ni)
+
+
 @runtime_checkable
 class CrossEncoder(Protocol):
     """Stage-2 model (ITM head).

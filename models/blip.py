@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from models.albef.adapters import SquashTransform
-from models.base import ImageStates, ImageTransform, MatchScores, ModelInfo, Precision, Preprocess, TextStates
+from models.base import (
+    ImageStates,
+    ImageTransform,
+    MatchScores,
+    ModelInfo,
+    Precision,
+    Preprocess,
+    TextStates,
+    pair_count,
+)
 from models.errors import InvalidInputError, ModelUnavailableError
 from models.registry import ModelEntry, ModelSpec, register_family
 
@@ -238,14 +247,10 @@ class BlipCrossEncoder(_BlipBase):
 
     @torch.inference_mode()
     def score(self, text: TextStates, images: ImageStates) -> MatchScores:
+        n = pair_count(text, images)  # InvalidInputError unless equal batches or one side 1
         nt, ni = len(text), len(images)
-        if nt == 0 or ni == 0:
+        if n == 0:
             return MatchScores(np.zeros(0, np.float32), np.zeros(0, np.float32))
-        if nt != ni and 1 not in (nt, ni):
-            raise InvalidInputError(
-                f"cannot pair {nt} texts with {ni} images (need equal counts or one side 1)"
-            )
-        n = max(nt, ni)
         ids, mask = text.ids.to(self.device), text.mask.to(self.device)
         tokens = images.tokens.to(self.device, dtype=self.bundle.dtype)
         outs = []

@@ -25,6 +25,7 @@ from models.base import (
     Precision,
     Preprocess,
     TextStates,
+    pair_count,
     torch_dtype,
 )
 from models.errors import InvalidInputError
@@ -239,19 +240,15 @@ class AlbefCrossEncoder(_AlbefBase):
 
     @torch.inference_mode()
     def score(self, text: TextStates, images: ImageStates) -> MatchScores:
+        n = pair_count(text, images)  # InvalidInputError unless equal batches or one side 1
         nt, ni = len(text), len(images)
-        if nt == 0 or ni == 0:
+        if n == 0:
             return MatchScores(np.zeros(0, np.float32), np.zeros(0, np.float32))
-        if nt != ni and 1 not in (nt, ni):
-            raise InvalidInputError(
-                f"cannot pair {nt} texts with {ni} images (need equal counts or one side 1)"
-            )
         hidden = text.hidden
         ids, mask = text.ids.to(self.device), text.mask.to(self.device)
         if hidden is None:
             hidden = self.model.text_states(ids, mask)
         hidden = hidden.to(self.device, dtype=self.bundle.dtype)
-        n = max(nt, ni)
         outs = []
         for start in range(0, n, self.max_pairs):
             sl = slice(start, min(n, start + self.max_pairs))
