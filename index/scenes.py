@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -610,11 +610,16 @@ def perturb_caption(
     rng: np.random.Generator,
     tries: int = 12,
     easy: float = 0.0,
+    allowed_pairs: Collection[tuple[str, str]] | None = None,
 ) -> str | None:
     """A minimally edited caption that is *false* for the scene: two colour words swapped, two shape words
     swapped, the relation reversed, or a colour/shape word replaced (preferably by one that occurs in the
     scene). With probability ``easy`` the edit is instead the easiest kind: a colour or shape word replaced
     by one that does not occur in the scene at all (presence, not binding; a curriculum for training).
+
+    ``allowed_pairs`` (for training data): only captions whose every (colour, shape) mention is in it are
+    returned. A pair that never occurs in the training images must not occur only in negatives either,
+    or the model learns "this pair never matches" and rejects it on the compositional split.
     ``None`` when no such edit is found."""
     objs = [o if isinstance(o, SceneObject) else SceneObject(**o) for o in objects]
     words = caption.split()
@@ -668,7 +673,14 @@ def perturb_caption(
         if new is None:
             continue
         cand = fix_articles(" ".join(new))
-        if cand != caption and not claim_holds(parse_caption(cand), objs):
+        if cand == caption:
+            continue
+        claim = parse_caption(cand)
+        if allowed_pairs is not None and any(
+            (m.colour, m.shape) not in allowed_pairs for m in claim.mentions
+        ):
+            continue
+        if not claim_holds(claim, objs):
             return cand
     return None
 

@@ -75,13 +75,21 @@ class DeviceWorker:
         config: BatchConfig,
         *,
         on_batch: Callable[[BatchEvent], None] | None = None,
-        incoming: Callable[[], int] | None = None,
+        announced: bool = False,
+        device_lock: threading.Lock | None = None,
     ) -> None:
-        """``incoming``: how many tasks are known to be on their way (requests that will submit soon); the
-        worker waits up to ``max_wait`` for more tasks only while this is positive, so a lone request never
-        pays the wait. None: always wait up to ``max_wait`` for a batch to fill."""
+        """``announced``: callers announce tasks before they submit them (:meth:`expect`), and the worker
+        holds a batch open for up to ``max_wait`` only while an announced task is still on its way, so a
+        lone request never pays the wait. False: always wait up to ``max_wait`` for a batch to fill.
+
+        ``device_lock``: shared by the workers whose models sit on one device; a handler runs only while
+        holding it. On a CPU, two workers computing at once each start a full set of intra-op threads and
+        oversubscribe the cores (OpenMP threads spin while their peers are descheduled); on a GPU their
+        kernels would serialise anyway."""
         self.name = name
-        self._incoming = incoming
+        self._announced = announced
+        self._expected = 0
+        self._device_lock = device_lock
         self._handlers = dict(handlers)
         self.config = config
         self._on_batch = on_batch
@@ -123,12 +131,35 @@ class DeviceWorker:
         return self._thread is not None and self._thread.is_alive()
 
     # -- submitting ------------------------------------------------------------------------------------
-    def submit(self, kind: str, payload: Any, cost: int = 1) -> concurrent.futures.Future[Any]:
-        """Queue a task; raises OverloadedError at once when the queue is full."""
+    def expect(self, n: int = 1) -> None:
+        """Announce ``n`` tasks that will be submitted soon (with ``expected=True``) or withdrawn
+        (:meth:`unexpect`). Only meaningful for a worker created with ``announced=True``."""
+        with self._cond:
+            self._expected += n
+
+    def unexpect(self, n: int = 1) -> None:
+        """Withdraw ``n`` announced tasks that will not be submitted after all."""
+        with self._cond:
+            self._expected = max(0, self._expected - n)
+            self._cond.notify_all()
+
+    @property
+    def expected(self) -> int:
+        """Announced tasks not yet submitted."""
+        return self._expected
+
+    def submit(
+        self, kind: str, payload: Any, cost: int = 1, *, expected: bool = False
+    ) -> concurrent.futures.Future[Any]:
+        """Queue a task; raises OverloadedError at once when the queue is full. ``expected``: the task
+        was announced with :meth:`expect`; the announcement is consumed atomically with the enqueue (also
+        when the submit fails), so the worker never holds a batch open for a task already queued."""
         if kind not in self._handlers:
             raise KeyError(f"worker {self.name} has no handler for {kind!r}")
         task: _Task[Any] = _Task(kind, payload, max(1, int(cost)))
         with self._cond:
+            if expected:
+                self._expected = max(0, self._expected - 1)
             if self._stopping or self._thread is None:
                 raise OverloadedError(f"{self.name} worker is not running", retry_after=5.0)
             if len(self._queue) >= self.config.queue_size:
@@ -207,7 +238,7 @@ class DeviceWorker:
                 if full() or self._stopping:
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self._incoming is not None and self._incoming() <= 0):
+                if remaining <= 0 or (self._announced and self._expected <= 0):
                     break
                 if not taken:
                     self._cond.wait(remaining)
@@ -222,6 +253,9 @@ class DeviceWorker:
             if not live:
                 continue
             kind = live[0].kind
+            lock = self._device_lock
+            if lock is not None:
+                lock.acquire()
             started = time.monotonic()
             try:
                 results = self._handlers[kind]([t.payload for t in live])
@@ -236,6 +270,8 @@ class DeviceWorker:
                 continue
             finally:
                 run_s = time.monotonic() - started
+                if lock is not None:
+                    lock.release()
                 self._ema_batch_s = 0.8 * self._ema_batch_s + 0.2 * run_s
             for t, res in zip(live, results, strict=True):
                 if isinstance(res, BaseException):

@@ -127,7 +127,7 @@ class SearchEngine:
         self._thumbs: OrderedDict[tuple[str, int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self._inflight = 0
-        self._coming: dict[str, int] = {"dual": 0, "cross": 0}
+        self._device_lock = threading.Lock()  # both models sit on settings.models.device
         self._inflight_lock = threading.Lock()
         self._ready = threading.Event()
         self.load_error: AlignfuseError | None = None
@@ -223,7 +223,8 @@ class SearchEngine:
             {"texts": dh.texts, "images": dh.images},
             cfg,
             on_batch=self.metrics.on_batch,
-            incoming=lambda: self._coming["dual"],
+            announced=True,
+            device_lock=self._device_lock,
         )
         self._dual_worker.start()
         self.metrics.track_queue("dual", lambda: float(self._dual_worker.depth if self._dual_worker else 0))
@@ -235,7 +236,8 @@ class SearchEngine:
                 {"rerank": ch.rerank, "tokens": ch.tokens},
                 ccfg,
                 on_batch=self.metrics.on_batch,
-                incoming=lambda: self._coming["cross"],
+                announced=True,
+                device_lock=self._device_lock,
             )
             self._cross_worker.start()
             self.metrics.track_queue(
@@ -512,24 +514,38 @@ class SearchEngine:
         return asyncio.run(self.search(req))
 
     async def _search(self, req: SearchRequest, plan: tuple[Modality, Modality, int, bool]) -> SearchResponse:
-        # ``_coming`` tells each worker how many requests are about to submit to it, so it waits for a
-        # fuller batch only when one is actually on its way
-        coming = {"dual": 1, "cross": 1 if plan[3] else 0}
-        self._coming["dual"] += coming["dual"]
-        self._coming["cross"] += coming["cross"]
+        # Each worker is told which requests will submit to it soon, so it holds a batch open only when a
+        # task is actually on its way. ``claim`` hands the announcement to the submit that follows it
+        # (``submit(..., expected=True)`` consumes it atomically with the enqueue); ``release`` withdraws
+        # one that will not be submitted.
+        assert self._dual_worker is not None
+        workers = {"dual": self._dual_worker}
+        if plan[3] and self._cross_worker is not None:
+            workers["cross"] = self._cross_worker
+        pending = set(workers)
+        for w in workers.values():
+            w.expect()
 
-        def submitted(worker: str) -> None:
-            self._coming[worker] -= coming[worker]
-            coming[worker] = 0
+        def claim(worker: str) -> None:
+            pending.discard(worker)
+
+        def release(worker: str) -> None:
+            if worker in pending:
+                pending.discard(worker)
+                workers[worker].unexpect()
 
         try:
-            return await self._search_stages(req, plan, submitted)
+            return await self._search_stages(req, plan, claim, release)
         finally:
-            submitted("dual")
-            submitted("cross")
+            for name in list(pending):
+                release(name)
 
     async def _search_stages(
-        self, req: SearchRequest, plan: tuple[Modality, Modality, int, bool], submitted: Callable[[str], None]
+        self,
+        req: SearchRequest,
+        plan: tuple[Modality, Modality, int, bool],
+        claim: Callable[[str], None],
+        release: Callable[[str], None],
     ) -> SearchResponse:
         t0 = time.perf_counter()
         query, target, n_cand, rerank = plan
@@ -540,7 +556,8 @@ class SearchEngine:
         # 1. encode the query (micro-batched on the dual worker)
         query_img: Image.Image | None = None
         if req.text is not None:
-            fut = self._dual_worker.submit("texts", [req.text])
+            claim("dual")
+            fut = self._dual_worker.submit("texts", [req.text], expected=True)
         else:
             assert req.image is not None
             lim = self.settings.limits
@@ -552,8 +569,8 @@ class SearchEngine:
                 what="query image",
             )
             pixels = await self._io(lambda: self.dual.image_transform(query_img).unsqueeze(0))  # type: ignore[union-attr]
-            fut = self._dual_worker.submit("images", pixels)
-        submitted("dual")
+            claim("dual")
+            fut = self._dual_worker.submit("images", pixels, expected=True)
         vec = (await self._dual_worker.wait(fut, "encode")).reshape(-1)
         t1 = time.perf_counter()
         # 2. candidates from the ANN index, joined with their items
@@ -582,8 +599,8 @@ class SearchEngine:
                 assert query_img is not None
                 job, order, failed = await self._io(self._i2t_job, items, query_img)
             if job is not None:
-                rfut = self._cross_worker.submit("rerank", job, cost=job.n_pairs)
-                submitted("cross")
+                claim("cross")
+                rfut = self._cross_worker.submit("rerank", job, cost=job.n_pairs, expected=True)
                 out: RerankOut = await self._cross_worker.wait(rfut, "rerank")
                 logit[order] = out.logit
                 prob[order] = out.prob
@@ -593,7 +610,7 @@ class SearchEngine:
             self.metrics.pairs_scored.inc(pairs_scored)
             if failed.any():
                 self.metrics.rerank_failed.inc(int(failed.sum()))
-        submitted("cross")
+        release("cross")
         t3 = time.perf_counter()
         hits, itc_hits = self._rank(req, items, itc, logit, prob, failed, reranked=rerank and n > 0)
         t4 = time.perf_counter()

@@ -92,13 +92,17 @@ def _attach_scene_functions(data: PairData, objects: list[Any]) -> None:
     from index.scenes import SceneObject, claim_holds, parse_caption, perturb_caption
 
     scene_objs = [[SceneObject(**o) for o in objs] for objs in objects]
+    # (colour, shape) pairs the training images contain; perturbed negatives never mention any other pair
+    seen_pairs = frozenset((o.colour, o.shape) for objs in scene_objs for o in objs)
     parse = functools.lru_cache(maxsize=200_000)(parse_caption)
 
     def matches(caption: str, image: int) -> bool:
         return claim_holds(parse(caption), scene_objs[image])
 
     def perturb(caption: str, image: int, rng: np.random.Generator) -> str | None:
-        return perturb_caption(caption, scene_objs[image], rng, easy=data.perturb_easy)
+        return perturb_caption(
+            caption, scene_objs[image], rng, easy=data.perturb_easy, allowed_pairs=seen_pairs
+        )
 
     data.matches = matches
     data.perturb = perturb

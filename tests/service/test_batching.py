@@ -178,26 +178,78 @@ def test_async_run_from_many_tasks() -> None:
         w.stop()
 
 
-def test_lone_task_does_not_wait_when_nothing_is_incoming() -> None:
-    incoming = {"n": 0}
+def test_lone_task_does_not_wait_when_nothing_is_announced() -> None:
     rec = Recorder()
     w = DeviceWorker(
-        "test",
-        {"x": rec},
-        BatchConfig(max_batch=8, max_wait_s=60.0, queue_size=8),
-        incoming=lambda: incoming["n"],
+        "test", {"x": rec}, BatchConfig(max_batch=8, max_wait_s=60.0, queue_size=8), announced=True
     )
     w.start()
     try:
-        assert w.submit("x", 1).result(10) == 10  # would block for 60 s if the worker waited for a batch
-        incoming["n"] = 1  # a request is on its way: the worker holds the batch open for it
-        f2 = w.submit("x", 2)
-        while w.depth:  # the worker took task 2 (under its lock) ...
+        # announced and submitted: the submit consumes the announcement atomically, so the worker does
+        # not hold the batch open for a task that is already queued (it would block for 60 s)
+        w.expect()
+        assert w.submit("x", 1, expected=True).result(10) == 10
+        assert w.expected == 0
+        w.expect(2)  # two requests on their way: the worker holds the batch open for the second one
+        f2 = w.submit("x", 2, expected=True)
+        while w.depth:  # the worker took task 2 (under its lock) and is now waiting for more
             time.sleep(0.001)
-        with w._cond:  # ... and is now waiting for more (it released the lock)
-            incoming["n"] = 0
-        f3 = w.submit("x", 3)  # joins the open batch, after which nothing else is coming
+        time.sleep(0.05)
+        assert not f2.done()
+        f3 = w.submit("x", 3, expected=True)  # joins the open batch; nothing else is announced
         assert (f2.result(10), f3.result(10)) == (20, 30)
         assert rec.batches[1] == [2, 3]
+        # a withdrawn announcement releases a batch held open for it
+        w.expect(2)
+        f4 = w.submit("x", 4, expected=True)
+        while w.depth:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        assert not f4.done()
+        w.unexpect()
+        assert f4.result(10) == 40
+        assert rec.batches[2] == [4]
     finally:
         w.stop()
+
+
+def test_workers_sharing_a_device_lock_never_compute_at_once() -> None:
+    lock = threading.Lock()
+    active = {"n": 0, "max": 0}
+    guard = threading.Lock()
+
+    def handler(payloads: list[Any]) -> list[Any]:
+        with guard:
+            active["n"] += 1
+            active["max"] = max(active["max"], active["n"])
+        time.sleep(0.01)
+        with guard:
+            active["n"] -= 1
+        return payloads
+
+    cfg = BatchConfig(max_batch=2, max_wait_s=0.0, queue_size=64)
+    a = DeviceWorker("a", {"x": handler}, cfg, device_lock=lock)
+    b = DeviceWorker("b", {"x": handler}, cfg, device_lock=lock)
+    a.start()
+    b.start()
+    try:
+        futs = [w.submit("x", i) for i in range(20) for w in (a, b)]
+        assert sorted(f.result(10) for f in futs) == sorted(list(range(20)) * 2)
+        assert active["max"] == 1
+    finally:
+        a.stop()
+        b.stop()
+
+    # without the shared lock the same two workers do overlap (the check above could fail)
+    a = DeviceWorker("a", {"x": handler}, cfg)
+    b = DeviceWorker("b", {"x": handler}, cfg)
+    a.start()
+    b.start()
+    try:
+        futs = [w.submit("x", i) for i in range(20) for w in (a, b)]
+        for f in futs:
+            f.result(10)
+        assert active["max"] == 2
+    finally:
+        a.stop()
+        b.stop()
