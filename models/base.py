@@ -50,6 +50,9 @@ class ModelInfo:
     preprocess: Preprocess
     description: str = ""
     extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: cross-encoders: the score fusion used when a request names none. ALBEF ranks by the ITM logit
+    #: ("itm"), BLIP/LAVIS by logit + ITC cosine ("itm+itc"); a shipped model's choice is measured.
+    default_fusion: str = "itm"
 
     @property
     def id(self) -> str:

@@ -280,6 +280,7 @@ def _info(spec: ModelSpec, bundle: BlipBundle, kind: str) -> ModelInfo:
         preprocess=bundle.preprocess,
         description=BLIP_MODELS.get(spec.name, f"BLIP retrieval model from {spec.name}") + f" ({kind})",
         extra=(("kind", kind),),
+        default_fusion="itm+itc",
     )
 
 

@@ -63,6 +63,19 @@ def _weights_file(stem: str, spec: ModelSpec) -> Path:
     return path
 
 
+def scenes_albef_default_fusion() -> str:
+    """The score fusion the shipped ALBEF reranks with by default: whichever of ``itm`` / ``itm+itc`` scored
+    better on the validation splits when the weights were exported (``scenes-albef.fusion.json``, written by
+    ``docs/training/choose_fusion.py``; the test splits are never used for the choice)."""
+    path = WEIGHTS_DIR / "scenes-albef.fusion.json"
+    if not path.is_file():
+        return "itm"
+    choice = json.loads(path.read_text(encoding="utf-8")).get("default_fusion", "itm")
+    if choice not in ("itm", "itm+itc"):
+        raise ModelUnavailableError(f"{path}: default_fusion must be itm or itm+itc, got {choice!r}")
+    return str(choice)
+
+
 def _scenes_albef_spec(spec: ModelSpec) -> ModelSpec:
     cfg = WEIGHTS_DIR / "scenes-albef.json"
     weights = _weights_file("scenes-albef", spec)
@@ -111,7 +124,12 @@ def _cross(spec: ModelSpec, device: torch.device, precision: Precision) -> Cross
             f"{spec.raw} is a dual encoder only; the built-in reranker is alignfuse:scenes-albef"
         )
     inner = create_cross_encoder(_scenes_albef_spec(spec), device, precision)
-    inner.info = replace(inner.info, spec=spec.raw, description=_DESCRIPTIONS[name])
+    inner.info = replace(
+        inner.info,
+        spec=spec.raw,
+        description=_DESCRIPTIONS[name],
+        default_fusion=scenes_albef_default_fusion(),
+    )
     return inner
 
 

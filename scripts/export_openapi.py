@@ -15,7 +15,12 @@ def openapi_json() -> str:
     return json.dumps(app.openapi(), indent=1, sort_keys=True) + "\n"
 
 
+USAGE = "usage: python scripts/export_openapi.py [OUT.json]   (default: docs/openapi.json)\n"
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 or (len(sys.argv) == 2 and sys.argv[1].startswith("-")):
+        sys.stderr.write(USAGE)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     out = (
         Path(sys.argv[1])
         if len(sys.argv) > 1

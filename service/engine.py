@@ -290,6 +290,7 @@ class SearchEngine:
             reranker_id=None if self.cross is None else self.cross.info.id,
             device=self.settings.models.device,
             precision=self.settings.models.precision,
+            default_fusion=None if self.cross is None else self.cross.info.default_fusion,
         )
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -453,7 +454,7 @@ class SearchEngine:
                 f"min_match must be in [0, 1], got {req.min_match}",
                 detail={"field": "min_match", "min": 0, "max": 1},
             )
-        if req.fusion not in FUSIONS:
+        if req.fusion is not None and req.fusion not in FUSIONS:
             raise InvalidInputError(
                 f"fusion must be one of {FUSIONS}", detail={"field": "fusion", "allowed": FUSIONS}
             )
@@ -494,6 +495,9 @@ class SearchEngine:
         """Run one search (see :class:`~service.types.SearchRequest`). Raises domain errors only."""
         self.require_ready()
         plan = self._validate(req)
+        if req.fusion is None:
+            default = self.cross.info.default_fusion if self.cross is not None else "itm"
+            req = replace(req, fusion="itm+itc" if default == "itm+itc" else "itm")
         self._enter()
         timeout = self.settings.limits.request_timeout_s
         try:
@@ -625,7 +629,7 @@ class SearchEngine:
             query=query,
             target=target,
             reranked=rerank and n > 0,
-            fusion=req.fusion,
+            fusion=req.fusion or "itm",
             hits=hits,
             timings=timings,
             pairs_scored=pairs_scored,

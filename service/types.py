@@ -19,7 +19,8 @@ class SearchRequest:
     searched: by default the other one (text→image, image→text); text→text and image→image use the dual
     encoder only. ``candidates`` (C) defaults to the settings' ``default_candidates``. ``rerank``: None =
     rerank whenever a cross-encoder is loaded and the search is cross-modal; True requires it. ``fusion``:
-    ``itm`` sorts by the ITM match logit, ``itm+itc`` by logit + cosine. ``min_match`` drops reranked hits
+    ``itm`` sorts by the ITM match logit, ``itm+itc`` by logit + cosine; None: the reranker's own default
+    (``ModelInfo.default_fusion``). ``min_match`` drops reranked hits
     whose ITM match probability is below it. ``include_itc`` also returns the top-k by ITC alone.
     """
 
@@ -30,7 +31,7 @@ class SearchRequest:
     k: int = 10
     candidates: int | None = None
     rerank: bool | None = None
-    fusion: Fusion = "itm"
+    fusion: Fusion | None = None
     min_match: float | None = None
     include_itc: bool = False
 
@@ -147,3 +148,4 @@ class ModelsInfo:
     reranker_id: str | None
     device: str
     precision: str
+    default_fusion: str | None = None

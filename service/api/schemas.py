@@ -42,7 +42,11 @@ class SearchBody(_In):
         None,
         description="Rerank with the cross-encoder; default: whenever one is loaded and the search is cross-modal.",
     )
-    fusion: Fusion = Field("itm", description="Sort by ITM logit (itm) or ITM logit + ITC cosine (itm+itc).")
+    fusion: Fusion | None = Field(
+        None,
+        description="Sort by ITM logit (itm) or ITM logit + ITC cosine (itm+itc); default: the reranker's own "
+        "(`default_fusion` in GET /v1/collections).",
+    )
     min_match: float | None = Field(
         None, ge=0.0, le=1.0, description="Drop hits whose ITM match probability is lower."
     )
@@ -106,6 +110,7 @@ class ModelsOut(_Out):
     reranker_id: str | None
     device: str
     precision: str
+    default_fusion: str | None = Field(None, description="The fusion a search without `fusion` uses.")
 
 
 class CollectionsOut(BaseModel):

@@ -178,8 +178,9 @@
     if (!queryImage && !text) { setStatus("Type a query or choose an image.", true); els.query.focus(); return; }
     const common = {
       collection, k: Number(els.k.value) || 8, candidates: Number(els.candidates.value) || 64,
-      fusion: els.fusion.value, rerank: els.rerank.checked, include_itc: true,
+      rerank: els.rerank.checked, include_itc: true,
     };
+    if (els.fusion.value) common.fusion = els.fusion.value; // else the reranker's default fusion
     if (els.target.value) common.target = els.target.value;
     const queryModality = queryImage ? "image" : "text";
     if (common.target === queryModality) common.rerank = false; // same-modality: dual encoder only

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,20 @@ def test_fusion_itm_plus_itc_and_min_match(engine: SearchEngine) -> None:
     r2 = engine.search_sync(SearchRequest(**{**base.__dict__, "min_match": cut}))
     assert r2.hits and all(h.itm_prob >= cut for h in r2.hits)
     assert len(r2.hits) < len(r.hits)
+
+
+def test_fusion_defaults_to_the_rerankers_own(engine: SearchEngine) -> None:
+    assert engine.cross is not None and engine.cross.info.default_fusion == "itm"
+    assert engine.models_info().default_fusion == "itm"
+    req = SearchRequest(collection="plain", text="two blue squares", k=8, candidates=16)
+    assert engine.search_sync(req).fusion == "itm"
+    # a reranker whose measured default is logit + cosine (BLIP's convention) sorts that way unasked
+    engine.cross.info = replace(engine.cross.info, default_fusion="itm+itc")
+    r = engine.search_sync(req)
+    assert r.fusion == "itm+itc" and engine.models_info().default_fusion == "itm+itc"
+    assert all(h.score == pytest.approx(h.itm_logit + h.itc, abs=1e-5) for h in r.hits)
+    # an explicit choice still wins
+    assert engine.search_sync(replace(req, fusion="itm")).fusion == "itm"
 
 
 def test_rerank_off_is_dual_encoder_order(engine: SearchEngine) -> None:

@@ -93,7 +93,7 @@ async def search_image(
     k: Annotated[int, Form(ge=1)] = 10,
     candidates: Annotated[int | None, Form(ge=1)] = None,
     rerank: Annotated[bool | None, Form()] = None,
-    fusion: Annotated[Fusion, Form()] = "itm",
+    fusion: Annotated[Fusion | None, Form()] = None,
     min_match: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
     target: Annotated[Modality | None, Form()] = None,
     include_itc: Annotated[bool, Form()] = False,
