@@ -43,7 +43,11 @@ of the work the mode needs, the shared dual-encoder part included in each mode t
 Hard-negative groups (:func:`group_accuracy`): when the Karpathy JSON has a ``group`` per image (the built-in
 scenes), for each text: is its own image ranked first among the images of its group (``t2i``); for each
 image: is the best-ranked caption among the group's captions one of its own (``i2t``). Groups with one image
-are skipped. Chance = mean of 1/|group| (t2i) and of own captions / group captions (i2t).
+are skipped. Chance = mean of 1/|group| (t2i) and of own captions / group captions (i2t). When every entry
+also lists its drawn ``objects`` (the scenes do), a pick is judged by whether the caption is *true* of the
+picked image (``index.scenes.caption_matches``): t2i = does the best group image make the caption true, i2t =
+is the best group caption true of the image; choices where every option is true are skipped and chance is the
+true fraction of the options.
 """
 
 from __future__ import annotations
@@ -262,10 +266,17 @@ def group_accuracy(
     txt2img: Sequence[int] | np.ndarray,
     groups: Sequence[int | None],
     scores_t2i: np.ndarray | None = None,
+    truth: Callable[[int, int], bool] | None = None,
 ) -> GroupAccuracy | None:
     """Accuracy of picking the right item among a group's hard negatives (see the module docstring).
 
-    ``groups[i]`` is the group of image ``i`` (None: no group). Returns None when no group has 2+ images."""
+    ``groups[i]`` is the group of image ``i`` (None: no group). Returns None when no group has 2+ images.
+
+    ``truth(t, i)``: whether text ``t`` is true of image ``i`` (the scenes know: their JSON lists the drawn
+    objects). With it, a pick is right when the chosen item makes the caption true rather than when it is the
+    annotated one: siblings often share a true caption ("a red circle"), and counting those picks as errors
+    measures annotation, not binding. Captions true of every group image (t2i) and images of which every
+    group caption is true (i2t) decide nothing and are skipped; chance is the true fraction of the choices."""
     s_i2t = _check_scores(scores_i2t, "scores_i2t")
     s_t2i = s_i2t.T if scores_t2i is None else _check_scores(scores_t2i, "scores_t2i")
     n_i, n_t = s_i2t.shape
@@ -289,6 +300,14 @@ def group_accuracy(
         caps = np.asarray(sorted(t for i in imgs for t in i2t[i]), dtype=np.int64)
         for i in imgs:
             for t in i2t[i]:
+                if truth is not None:
+                    true_of = [truth(t, int(j)) for j in g_imgs]
+                    if all(true_of):
+                        continue
+                    best = int(ranking(s_t2i[t, g_imgs])[0])
+                    t_hits.append(float(true_of[best]))
+                    t_chance.append(sum(true_of) / len(true_of))
+                    continue
                 sub = s_t2i[t, g_imgs][None, :]
                 local = int(np.nonzero(g_imgs == t2i[t])[0][0])
                 t_hits.append(float(ranks_of(sub, np.zeros(1, np.int64), np.asarray([local]))[0] == 0))
@@ -296,6 +315,13 @@ def group_accuracy(
             if len(caps) and i2t[i]:
                 row = s_i2t[i, caps]
                 top = int(caps[ranking(row)[0]])
+                if truth is not None:
+                    true_caps = [truth(int(c), i) for c in caps]
+                    if all(true_caps):
+                        continue
+                    i_hits.append(float(truth(top, i)))
+                    i_chance.append(sum(true_caps) / len(caps))
+                    continue
                 i_hits.append(float(top in set(i2t[i])))
                 i_chance.append(len(i2t[i]) / len(caps))
     if used == 0:
@@ -327,6 +353,26 @@ class EvalData:
     txt2img: tuple[int, ...]
     img2txt: tuple[tuple[int, ...], ...]
     groups: tuple[int | None, ...] | None = None
+    #: per image, the drawn objects (the built-in scenes' JSON has them): group accuracy then judges a pick
+    #: by whether the caption is true of the picked image (``index.scenes.caption_matches``)
+    objects: tuple[tuple[dict[str, Any], ...], ...] | None = None
+
+    def truth(self) -> Callable[[int, int], bool] | None:
+        """``truth(t, i)``: text t is true of image i, from the drawn objects (None without them)."""
+        if self.objects is None:
+            return None
+        from .scenes import SceneObject, caption_matches
+
+        objs = [[SceneObject(**o) for o in per] for per in self.objects]
+        cache: dict[tuple[int, int], bool] = {}
+
+        def truth(t: int, i: int) -> bool:
+            hit = cache.get((t, i))
+            if hit is None:
+                hit = cache[(t, i)] = self.txt2img[t] == i or caption_matches(self.texts[t], objs[i])
+            return hit
+
+        return truth
 
     @property
     def n_images(self) -> int:
@@ -337,16 +383,19 @@ class EvalData:
         return len(self.texts)
 
 
-def _entries_of(raw: Any, path: Path, split: str) -> list[tuple[str, list[str], int | None]]:
-    """(image path, captions, group) per entry of either JSON layout, merging repeated images in order."""
-    rows: list[tuple[str, list[str], int | None]] = []
+_Entry = tuple[str, list[str], int | None, tuple[dict[str, Any], ...] | None]
+
+
+def _entries_of(raw: Any, path: Path, split: str) -> list[_Entry]:
+    """(image path, captions, group, objects) per entry of either JSON layout, merging repeated images."""
+    rows: list[_Entry] = []
     if isinstance(raw, dict) and isinstance(raw.get("images"), list):  # Karpathy's original dataset_*.json
         for e in raw["images"]:
             if e.get("split") != split:
                 continue
             img = "/".join(p for p in (e.get("filepath", ""), e.get("filename", "")) if p)
             caps = [s.get("raw", " ".join(s.get("tokens", []))) for s in e.get("sentences", [])]
-            rows.append((img, caps, None))
+            rows.append((img, caps, None, None))
     elif isinstance(raw, list):  # ALBEF/BLIP re-packaging: [{"image": ..., "caption": [...] | "..."}]
         for n, e in enumerate(raw):
             if not isinstance(e, dict) or not isinstance(e.get("image"), str):
@@ -356,16 +405,18 @@ def _entries_of(raw: Any, path: Path, split: str) -> list[tuple[str, list[str], 
             if not all(isinstance(c, str) for c in caps):
                 raise CorruptDataError(f"{path}: entry {n} has a non-string caption")
             g = e.get("group")
-            rows.append((e["image"], caps, int(g) if isinstance(g, int | float) else None))
+            objs = e.get("objects")
+            drawn = tuple(objs) if isinstance(objs, list) and all(isinstance(o, dict) for o in objs) else None
+            rows.append((e["image"], caps, int(g) if isinstance(g, int | float) else None, drawn))
     else:
         raise CorruptDataError(f"{path} is neither a Karpathy split list nor a Karpathy dataset_*.json")
-    merged: dict[str, tuple[list[str], int | None]] = {}
-    for img, caps, g in rows:
+    merged: dict[str, tuple[list[str], int | None, tuple[dict[str, Any], ...] | None]] = {}
+    for img, caps, g, objs in rows:
         if img in merged:
             merged[img][0].extend(caps)
         else:
-            merged[img] = (list(caps), g)
-    return [(img, caps, g) for img, (caps, g) in merged.items()]
+            merged[img] = (list(caps), g, objs)
+    return [(img, caps, g, objs) for img, (caps, g, objs) in merged.items()]
 
 
 def load_eval_data(
@@ -399,14 +450,15 @@ def load_eval_data(
     texts: list[str] = []
     txt2img: list[int] = []
     img2txt: list[tuple[int, ...]] = []
-    for i, (_img, caps, _g) in enumerate(entries):
+    for i, (_img, caps, _g, _o) in enumerate(entries):
         ids = []
         for c in caps:
             ids.append(len(texts))
             texts.append(c)
             txt2img.append(i)
         img2txt.append(tuple(ids))
-    has_group = any(g is not None for _, _, g in entries)
+    has_group = any(e[2] is not None for e in entries)
+    has_objects = all(e[3] is not None for e in entries)
     return EvalData(
         source=str(path),
         images=tuple(e[0] for e in entries),
@@ -415,6 +467,7 @@ def load_eval_data(
         txt2img=tuple(txt2img),
         img2txt=tuple(img2txt),
         groups=tuple(e[2] for e in entries) if has_group else None,
+        objects=tuple(e[3] or () for e in entries) if has_objects else None,
     )
 
 
@@ -719,7 +772,7 @@ def _finish(
     rec = recall_metrics(s_i2t, data.img2txt, data.txt2img, s_t2i)
     grp = None
     if data.groups is not None:
-        grp = group_accuracy(s_i2t, data.img2txt, data.txt2img, data.groups, s_t2i)
+        grp = group_accuracy(s_i2t, data.img2txt, data.txt2img, data.groups, s_t2i, truth=data.truth())
     return ModeResult(mode, rec, passes, pairs, seconds, grp, protocol)
 
 

@@ -25,6 +25,7 @@ from index.evaluation import (
     recall_metrics,
     topk_indices,
 )
+from index.scenes import SceneObject, caption_matches
 from models.base import ImageStates, MatchScores, ModelInfo, Preprocess, TextStates
 from models.errors import CorruptDataError, InvalidInputError, NotFoundError
 
@@ -210,6 +211,50 @@ def test_group_accuracy_matches_brute_force(seed: int) -> None:
     assert group_accuracy(s, img2txt, txt2img, list(range(n_i)), s_t2i) is None
 
 
+def brute_group_truth(
+    s_i2t: np.ndarray, s_t2i: np.ndarray, img2txt: list[list[int]], groups: list[int], true: np.ndarray
+) -> tuple[float, float, float, float]:
+    t_hit, t_ch, i_hit, i_ch = [], [], [], []
+    for i, g in enumerate(groups):
+        members = [j for j, h in enumerate(groups) if h == g]
+        if len(members) < 2:
+            continue
+        caps = sorted(c for j in members for c in img2txt[j])
+        for t in img2txt[i]:
+            if all(true[t, j] for j in members):
+                continue
+            best = max(members, key=lambda j: (s_t2i[t, j], j))
+            t_hit.append(bool(true[t, best]))
+            t_ch.append(np.mean([true[t, j] for j in members]))
+        if all(true[c, i] for c in caps):
+            continue
+        top = max(caps, key=lambda c: (s_i2t[i, c], c))
+        i_hit.append(bool(true[top, i]))
+        i_ch.append(np.mean([true[c, i] for c in caps]))
+    return (float(np.mean(t_hit)), float(np.mean(t_ch)), float(np.mean(i_hit)), float(np.mean(i_ch)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_group_accuracy_with_truth_matches_brute_force(seed: int) -> None:
+    """A pick is right when the caption is true of the picked image (siblings share true captions)."""
+    rng = np.random.default_rng(200 + seed)
+    n_i = 10
+    img2txt, txt2img = gt_from_counts(rng.integers(1, 4, size=n_i))
+    groups = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3]
+    n_t = len(txt2img)
+    true = rng.random((n_t, n_i)) < 0.35
+    true[np.arange(n_t), txt2img] = True  # a caption is true of its own image
+    s = rng.integers(0, 4, size=(n_i, n_t)).astype(np.float64)
+    s_t2i = rng.integers(0, 4, size=(n_t, n_i)).astype(np.float64)
+    got = group_accuracy(s, img2txt, txt2img, groups, s_t2i, truth=lambda t, i: bool(true[t, i]))
+    assert got is not None
+    want = brute_group_truth(s, s_t2i, img2txt, groups, true)
+    assert (got.t2i, got.t2i_chance, got.i2t, got.i2t_chance) == pytest.approx(want)
+    # a sibling that makes the caption true is a right pick, not an error as under the annotation rule
+    plain = group_accuracy(s, img2txt, txt2img, groups, s_t2i)
+    assert plain is not None and got.t2i >= 0 and (got.t2i, got.i2t) != (plain.t2i, plain.i2t)
+
+
 def test_group_accuracy_perfect_scores() -> None:
     img2txt, txt2img = gt_from_counts([2, 2, 2, 2])
     s = np.full((4, 8), -1.0)
@@ -382,9 +427,17 @@ def test_rerank_matches_independent_computation(scenes: Path, dual, k: int, fusi
     assert rr.encoder_passes == (n_i + n_t) * 2
     assert report.result("dual").encoder_passes == n_i + n_t and report.result("dual").pair_evals == 0
     assert report.meta.embeddings == "encoded" and report.meta.encoded_now == n_i + n_t
-    # the scenes JSON has groups: hard-negative accuracy is reported, computed on the same matrices
-    assert data.groups is not None
-    want_g = group_accuracy(s_i2t, data.img2txt, data.txt2img, data.groups, s_t2i)
+    # the scenes JSON has groups and drawn objects: hard-negative accuracy is reported, computed on the same
+    # matrices, judging a pick by whether the caption is true of the picked image
+    assert data.groups is not None and data.objects is not None
+    truth = data.truth()
+    assert truth is not None
+    objs = [[SceneObject(**o) for o in per] for per in data.objects]
+    for t in range(0, n_t, 7):
+        for i in range(n_i):
+            assert truth(t, i) == (data.txt2img[t] == i or caption_matches(data.texts[t], objs[i]))
+    assert all(truth(t, data.txt2img[t]) for t in range(n_t))
+    want_g = group_accuracy(s_i2t, data.img2txt, data.txt2img, data.groups, s_t2i, truth=truth)
     assert rr.group is not None and want_g is not None
     assert (rr.group.t2i, rr.group.i2t, rr.group.t2i_chance) == pytest.approx(
         (want_g.t2i, want_g.i2t, want_g.t2i_chance)
