@@ -92,3 +92,34 @@ def test_make_demo_serves_a_query(tmp_path: Path) -> None:
     )
     assert out2.returncode == 0, out2.stderr
     assert "0 items added" in out2.stderr
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="shipped scenes-albef weights not present")
+def test_demo_rebuilds_a_collection_built_by_other_weights(tmp_path: Path) -> None:
+    """After an upgrade of the shipped weights the old demo collection no longer matches: the demo moves it
+    aside, rebuilds it, and serves the new one (a real run of the CLI, no server)."""
+    from index import BuildOptions, build_collection, open_collection, open_source
+    from index.scenes import generate_scenes
+    from models.registry import create_dual_encoder
+
+    data = tmp_path / "demo"
+    scenes = data / "scenes-test-seed3-n12"
+    generate_scenes(scenes, seed=3, count=12, split="test")
+    old = create_dual_encoder("alignfuse:random-tiny")
+    build_collection(
+        data / "collections" / "scenes",
+        open_source(karpathy=scenes / "scenes.json", image_root=scenes),
+        old,
+        options=BuildOptions(progress=False),
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [str(ROOT / ".venv/bin/alignfuse"), "demo", "--data", str(data), "--count", "12"]
+    out = subprocess.run(
+        [*cmd, "--no-serve", "--examples", "0"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "rebuilding the demo collection" in out.stderr
+    coll = open_collection(data / "collections" / "scenes")
+    assert coll.manifest.encoder.spec == "alignfuse:scenes-albef"
+    assert coll.count() == 12 + 60  # 12 images and their 5 captions each
+    assert not (data / "collections" / ".scenes.stale").exists()

@@ -8,6 +8,7 @@ prints them, and serves the web page.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,9 @@ def demo(
     model: str = typer.Option(DEMO_MODEL, "--model", help="ALBEF-family spec serving both stages."),
 ) -> None:
     """Build the offline demo (synthetic scenes + shipped models) and serve it on http://HOST:PORT."""
-    from index import BuildOptions, build_collection, open_source
+    from index import BuildOptions, BuildReport, build_collection, open_source
     from index.scenes import generate_scenes
+    from models.errors import EncoderMismatchError
     from models.registry import create_cross_encoder, create_dual_encoder
 
     from ..api import create_app
@@ -96,13 +98,28 @@ def demo(
     )
     dual = create_dual_encoder(model)
     cross = create_cross_encoder(model)
-    report = build_collection(
-        collections / COLLECTION,
-        open_source(karpathy=karpathy, image_root=scenes_dir),
-        dual,
-        options=BuildOptions(rerank_cache=True, batch_size=128),
-        cross_encoder=cross,
-    )
+    target = collections / COLLECTION
+    stale = collections / f".{COLLECTION}.stale"
+
+    def build() -> BuildReport:
+        return build_collection(
+            target,
+            open_source(karpathy=karpathy, image_root=scenes_dir),
+            dual,
+            options=BuildOptions(rerank_cache=True, batch_size=128),
+            cross_encoder=cross,
+        )
+
+    try:
+        report = build()
+    except EncoderMismatchError as exc:
+        # the demo collection is derived data: built by older shipped weights (or another --model), it is
+        # moved aside, rebuilt, and only then deleted, so an interrupted rebuild loses nothing
+        typer.echo(f"{exc.message}\nrebuilding the demo collection for {dual.info.id} ...", err=True)
+        shutil.rmtree(stale, ignore_errors=True)
+        target.rename(stale)
+        report = build()
+        shutil.rmtree(stale, ignore_errors=True)
     typer.echo(
         f"collection ready: {report.added} items added, {report.skipped_existing} already there, "
         f"{len(report.failed)} failed, {report.seconds:.1f}s",
