@@ -57,8 +57,17 @@ def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, th
         cross_encoder=cross,
     )
     build_s = time.perf_counter() - t0
+    fusion = cross.info.default_fusion  # what the demo and the service use unless a request says otherwise
     full = evaluate(
-        coll, karpathy, scenes_dir, dual, cross, modes=("dual", "rerank"), k_test=k_test, batch_size=256
+        coll,
+        karpathy,
+        scenes_dir,
+        dual,
+        cross,
+        modes=("dual", "rerank"),
+        k_test=k_test,
+        batch_size=256,
+        fusion=fusion,
     )
     sub = evaluate(
         coll,
@@ -69,6 +78,7 @@ def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, th
         modes=("dual", "rerank", "all_pairs"),
         k_test=k_test,
         batch_size=512,
+        fusion=fusion,
         limit=ap_limit,
         max_all_pairs=ap_limit * ap_limit * 5,
     )
@@ -78,6 +88,7 @@ def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, th
         "model": MODEL,
         "model_id": dual.info.id,
         "k_test": k_test,
+        "fusion": fusion,
         "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU; torch threads {threads}",
         "build": {"items": build.added + build.skipped_existing, "seconds": round(build_s, 1)},
         "full": full.to_json(),
@@ -177,11 +188,18 @@ def card_metrics(data: Path) -> dict:
     if not karpathy.is_file():
         generate_scenes(scenes_dir, seed=sub["seed"], count=sub["count"], split=sub["split"])
     cross = create_cross_encoder(MODEL)
-    out: dict = {"subset": sub}
+    out: dict = {"subset": sub, "fusion": cross.info.default_fusion}
     for spec in ("alignfuse:scenes-albef", "alignfuse:scenes-clip"):
         dual = create_dual_encoder(spec)
         rep = evaluate(
-            None, karpathy, scenes_dir, dual, cross, modes=("dual", "rerank"), k_test=sub["k_test"]
+            None,
+            karpathy,
+            scenes_dir,
+            dual,
+            cross,
+            modes=("dual", "rerank"),
+            k_test=sub["k_test"],
+            fusion=cross.info.default_fusion,
         )
         out[spec] = {"model_id": dual.info.id, **{m: rep.to_json()[m] for m in ("dual", "rerank")}}
     return out

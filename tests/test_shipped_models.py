@@ -23,6 +23,7 @@ def test_shipped_models_reproduce_their_card(tmp_path: Path) -> None:
     expected = json.loads(CARD.read_text())
     got = card_metrics(tmp_path)
     assert got["subset"] == expected["subset"]
+    assert got.get("fusion", "itm") == expected.get("fusion", "itm")
     for spec in ("alignfuse:scenes-albef", "alignfuse:scenes-clip"):
         # the weights are the ones the card was measured with
         assert got[spec]["model_id"] == expected[spec]["model_id"], spec
@@ -49,3 +50,30 @@ def test_shipped_weights_load_and_fit_the_size_budget() -> None:
     for card in ("scenes-albef.md", "scenes-clip.md"):
         text = (weights / card).read_text()
         assert "alignfuse train" in text and "seed" in text
+
+
+FUSION = ROOT / "models" / "weights" / "scenes-albef.fusion.json"
+
+
+@pytest.mark.skipif(not FUSION.is_file(), reason="no fusion choice recorded")
+def test_shipped_default_fusion_is_the_measured_choice() -> None:
+    """The reranker's default fusion is the one that scored better on the validation splits, measured with
+    the weights that ship (docs/training/choose_fusion.py)."""
+    from models.builtin import scenes_albef_default_fusion
+    from models.registry import create_cross_encoder
+
+    rec = json.loads(FUSION.read_text())
+    albef = create_cross_encoder("alignfuse:scenes-albef")
+    assert albef.info.weights_sha256.startswith(rec["weights_sha256_prefix"])
+    assert albef.info.default_fusion == scenes_albef_default_fusion() == rec["default_fusion"]
+    rows = rec["measurements"]
+    assert {r["fusion"] for r in rows} == {"itm", "itm+itc"}
+    assert all("test" not in Path(r["split"]).parent.name for r in rows)  # chosen on validation data only
+    mean = {
+        f: sum(r["rerank_tr_r1"] + r["rerank_ir_r1"] for r in rows if r["fusion"] == f)
+        / sum(2 for r in rows if r["fusion"] == f)
+        for f in ("itm", "itm+itc")
+    }
+    assert mean == pytest.approx(rec["mean_rerank_r1"])
+    best = max(mean.values())
+    assert mean[rec["default_fusion"]] == best
