@@ -577,6 +577,10 @@ def test_cli_json_keys(scenes: Path, tiny_collection, monkeypatch: pytest.Monkey
     assert obj["meta"]["cross_encoder"].startswith("albef:tiny#")  # the manifest's reranker
     assert obj["meta"]["dual_encoder"].startswith("alignfuse:random-tiny#")
     assert obj["all_pairs"]["pair_evals"] == 720 and obj["dual"]["pair_evals"] == 0
+    assert obj["meta"]["fusion"] == "itm"  # no --fusion: the reranker's default (ALBEF: the ITM logit)
+    code, out, err = _run_cli([*args, "--json", "--fusion", "itm+itc", "--limit", "4"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(out)["meta"]["fusion"] == "itm+itc"
     # the rich table names every mode
     code, out, err = _run_cli([*args, "--limit", "4"], monkeypatch, capsys)
     assert code == 0, err

@@ -100,8 +100,11 @@ def eval_command(
     reranker: str | None = typer.Option(
         None, "--reranker", help="Cross-encoder spec (default: the reranker recorded in the manifest)."
     ),
-    fusion: str = typer.Option(
-        "itm", "--fusion", help="itm (ALBEF: ITM logit) or itm+itc (BLIP: logit + cosine)."
+    fusion: str | None = typer.Option(
+        None,
+        "--fusion",
+        help="itm (ALBEF: ITM logit) or itm+itc (BLIP: logit + cosine); default: the reranker's own, as the "
+        "service uses it (ALBEF checkpoints: itm).",
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
@@ -125,7 +128,7 @@ def eval_command(
         raise InvalidInputError(f"--limit must be >= 1, got {limit}")
     if max_all_pairs < 1:
         raise InvalidInputError(f"--max-all-pairs must be >= 1, got {max_all_pairs}")
-    if fusion not in FUSIONS:
+    if fusion is not None and fusion not in FUSIONS:
         raise InvalidInputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     if precision not in PRECISIONS:
         raise InvalidInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -178,7 +181,7 @@ def eval_command(
             mode_list,
             k_test,
             batch_size,
-            fusion=fusion,
+            fusion=fusion or (cross.info.default_fusion if cross is not None else "itm"),
             limit=limit,
             max_all_pairs=max_all_pairs,
         )
