@@ -101,6 +101,10 @@ def test_web_page_search_and_upload(server: str, world: World, tmp_path: Path) -
             moves = page.locator("#itm-results .hit .move").all_inner_texts()
             assert all(m == "=" or m[0] in "↑↓" for m in moves)
             assert page.locator("#itm-results .score.itm").count() == 6
+            # the reranked column shows the key it is sorted by, in descending order
+            keys = [float(t.split()[1]) for t in page.locator("#itm-results .score.sort").all_inner_texts()]
+            assert len(keys) == 6 and keys == sorted(keys, reverse=True)
+            assert page.locator("#itc-results .score.sort").count() == 0
             timings = page.inner_text("#timings")
             for stage in ("encode", "ann", "rerank", "total"):
                 assert stage in timings
