@@ -283,6 +283,8 @@ def group_accuracy(
     i2t, t2i = _normalise_gt(n_i, n_t, img2txt, txt2img)
     if len(groups) != n_i:
         raise InvalidInputError(f"groups has {len(groups)} entries, expected {n_i}")
+    # without drawn objects a caption counts as true of its annotated image only
+    is_true = truth if truth is not None else (lambda t, i: int(t2i[t]) == i)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         if g is not None:
@@ -300,30 +302,17 @@ def group_accuracy(
         caps = np.asarray(sorted(t for i in imgs for t in i2t[i]), dtype=np.int64)
         for i in imgs:
             for t in i2t[i]:
-                if truth is not None:
-                    true_of = [truth(t, int(j)) for j in g_imgs]
-                    if all(true_of):
-                        continue
-                    best = int(ranking(s_t2i[t, g_imgs])[0])
-                    t_hits.append(float(true_of[best]))
-                    t_chance.append(sum(true_of) / len(true_of))
+                true_of = [is_true(t, int(j)) for j in g_imgs]
+                if all(true_of):
                     continue
-                sub = s_t2i[t, g_imgs][None, :]
-                local = int(np.nonzero(g_imgs == t2i[t])[0][0])
-                t_hits.append(float(ranks_of(sub, np.zeros(1, np.int64), np.asarray([local]))[0] == 0))
-                t_chance.append(1.0 / len(imgs))
+                t_hits.append(float(true_of[int(ranking(s_t2i[t, g_imgs])[0])]))
+                t_chance.append(sum(true_of) / len(true_of))
             if len(caps) and i2t[i]:
-                row = s_i2t[i, caps]
-                top = int(caps[ranking(row)[0]])
-                if truth is not None:
-                    true_caps = [truth(int(c), i) for c in caps]
-                    if all(true_caps):
-                        continue
-                    i_hits.append(float(truth(top, i)))
-                    i_chance.append(sum(true_caps) / len(caps))
+                true_caps = [is_true(int(c), i) for c in caps]
+                if all(true_caps):
                     continue
-                i_hits.append(float(top in set(i2t[i])))
-                i_chance.append(len(i2t[i]) / len(caps))
+                i_hits.append(float(true_caps[int(ranking(s_i2t[i, caps])[0])]))
+                i_chance.append(sum(true_caps) / len(caps))
     if used == 0:
         return None
     return GroupAccuracy(

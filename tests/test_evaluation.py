@@ -177,25 +177,6 @@ def test_recall_rejects_bad_input() -> None:
         recall_metrics(np.zeros((2, 2)), img2txt, [0, 5])
 
 
-def brute_group(
-    s_i2t: np.ndarray, s_t2i: np.ndarray, img2txt: list[list[int]], txt2img: list[int], groups: list[int]
-) -> tuple[float, float, float, float]:
-    t_hit, t_ch, i_hit, i_ch = [], [], [], []
-    for i, g in enumerate(groups):
-        members = [j for j, h in enumerate(groups) if h == g]
-        if len(members) < 2:
-            continue
-        caps = sorted(c for j in members for c in img2txt[j])
-        for t in img2txt[i]:
-            best = max(members, key=lambda j: (s_t2i[t, j], j))  # ties: higher index first
-            t_hit.append(best == i)
-            t_ch.append(1 / len(members))
-        top = max(caps, key=lambda c: (s_i2t[i, c], c))
-        i_hit.append(top in img2txt[i])
-        i_ch.append(len(img2txt[i]) / len(caps))
-    return (float(np.mean(t_hit)), float(np.mean(t_ch)), float(np.mean(i_hit)), float(np.mean(i_ch)))
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_group_accuracy_matches_brute_force(seed: int) -> None:
     rng = np.random.default_rng(100 + seed)
@@ -206,12 +187,14 @@ def test_group_accuracy_matches_brute_force(seed: int) -> None:
     s_t2i = rng.integers(0, 4, size=(len(txt2img), n_i)).astype(np.float64)
     got = group_accuracy(s, img2txt, txt2img, groups, s_t2i)
     assert got is not None and got.groups == 3
-    want = brute_group(s, s_t2i, img2txt, txt2img, groups)
+    annotated = np.zeros((len(txt2img), n_i), dtype=bool)
+    annotated[np.arange(len(txt2img)), txt2img] = True  # without objects, true = the annotated image
+    want = brute_group(s, s_t2i, img2txt, groups, annotated)
     assert (got.t2i, got.t2i_chance, got.i2t, got.i2t_chance) == pytest.approx(want)
     assert group_accuracy(s, img2txt, txt2img, list(range(n_i)), s_t2i) is None
 
 
-def brute_group_truth(
+def brute_group(
     s_i2t: np.ndarray, s_t2i: np.ndarray, img2txt: list[list[int]], groups: list[int], true: np.ndarray
 ) -> tuple[float, float, float, float]:
     t_hit, t_ch, i_hit, i_ch = [], [], [], []
@@ -248,7 +231,7 @@ def test_group_accuracy_with_truth_matches_brute_force(seed: int) -> None:
     s_t2i = rng.integers(0, 4, size=(n_t, n_i)).astype(np.float64)
     got = group_accuracy(s, img2txt, txt2img, groups, s_t2i, truth=lambda t, i: bool(true[t, i]))
     assert got is not None
-    want = brute_group_truth(s, s_t2i, img2txt, groups, true)
+    want = brute_group(s, s_t2i, img2txt, groups, true)
     assert (got.t2i, got.t2i_chance, got.i2t, got.i2t_chance) == pytest.approx(want)
     # a sibling that makes the caption true is a right pick, not an error as under the annotation rule
     plain = group_accuracy(s, img2txt, txt2img, groups, s_t2i)
