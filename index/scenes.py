@@ -517,6 +517,8 @@ class Claim:
     mentions: tuple[Mention, ...]
     relation: str | None = None
     total: int | None = None  # "three shapes: ..."
+    #: attribute claims ("a red shape", "a triangle"): some object has this colour and/or this shape
+    attributes: tuple[tuple[str | None, str | None], ...] = ()
 
 
 _COLOUR_RE = "|".join(COLOURS)
@@ -526,6 +528,9 @@ _MENTION_RE = re.compile(
     rf"(?:(small|large)\s+)?({_SHAPE_RE})\b(?:\s+that\s+is\s+({_COLOUR_RE}))?"
 )
 _REL_RE = re.compile(r"\b(left of|right of|above|below)\b")
+_ATTR_COLOUR_RE = re.compile(rf"^(?:a|an) ({_COLOUR_RE}) (?:shape|object|thing)$|^something ({_COLOUR_RE})$")
+_ATTR_SHAPE_RE = re.compile(rf"^(?:a|an) ({'|'.join(SHAPES)})$")
+_ATTR_PREFIX_RE = re.compile(r"^(?:a picture of |an image of |there is )")
 
 
 def parse_caption(caption: str) -> Claim:
@@ -553,7 +558,15 @@ def parse_caption(caption: str) -> Claim:
     tm = re.search(r"\b(one|two|three) shapes\b", text)
     if tm:
         total = _WORD_NUMBERS[tm.group(1)]
-    return Claim(tuple(mentions), relation, total)
+    attributes: tuple[tuple[str | None, str | None], ...] = ()
+    if not mentions:
+        bare = _ATTR_PREFIX_RE.sub("", text)
+        cm, sm = _ATTR_COLOUR_RE.match(bare), _ATTR_SHAPE_RE.match(bare)
+        if cm:
+            attributes = ((cm.group(1) or cm.group(2), None),)
+        elif sm:
+            attributes = ((None, sm.group(1)),)
+    return Claim(tuple(mentions), relation, total, attributes)
 
 
 def _matching(objs: Sequence[SceneObject], m: Mention) -> list[SceneObject]:
@@ -565,7 +578,13 @@ def _matching(objs: Sequence[SceneObject], m: Mention) -> list[SceneObject]:
 
 
 def claim_holds(claim: Claim, objects: Sequence[SceneObject]) -> bool:
-    """Whether every mention is present with its exact count and the relation holds between them."""
+    """Whether every mention is present with its exact count and the relation holds between them (and
+    every attribute claim is true of some object)."""
+    if claim.attributes:
+        return all(
+            any((c is None or o.colour == c) and (s is None or o.shape == s) for o in objects)
+            for c, s in claim.attributes
+        )
     if not claim.mentions:
         return False
     if claim.total is not None and claim.total != len(objects):
@@ -682,6 +701,35 @@ def perturb_caption(
             continue
         if not claim_holds(claim, objs):
             return cand
+    return None
+
+
+_ATTR_COLOUR_FORMS: tuple[str, ...] = ("a {} shape", "a {} object", "something {}", "there is a {} shape")
+_ATTR_SHAPE_FORMS: tuple[str, ...] = ("a {}", "there is a {}", "a picture of a {}")
+
+
+def attribute_caption(
+    objects: Sequence[SceneObject | dict], rng: np.random.Generator, *, true: bool
+) -> str | None:
+    """A caption naming one attribute alone, a colour ("a red shape") or a shape ("a triangle"), that is
+    ``true`` or false for the scene (a false one names a colour or shape absent from it).
+
+    Training data for the matching head: it grounds colours and shapes separately, so a caption naming an
+    unseen (colour, shape) pair is not just an unknown conjunction. ``None`` if no such caption exists."""
+    objs = [o if isinstance(o, SceneObject) else SceneObject(**o) for o in objects]
+    colours = sorted({o.colour for o in objs})
+    shapes = sorted({o.shape for o in objs})
+    by_colour = bool(rng.random() < 0.5)
+    for kind in (by_colour, not by_colour):
+        if kind:
+            pool = colours if true else [c for c in COLOURS if c not in colours]
+            forms = _ATTR_COLOUR_FORMS
+        else:
+            pool = list(shapes) if true else [s for s in SHAPES if s not in shapes]
+            forms = _ATTR_SHAPE_FORMS
+        if pool:
+            word = pool[int(rng.integers(0, len(pool)))]
+            return fix_articles(forms[int(rng.integers(0, len(forms)))].format(word))
     return None
 
 

@@ -57,6 +57,9 @@ class PairData:
     groups: list[int] | None = None
     perturb: Callable[[str, int, np.random.Generator], str | None] | None = None
     matches: Callable[[str, int], bool] | None = None
+    #: ``attribute(image, true, rng)``: a caption naming one attribute alone that is ``true`` or false of the
+    #: image (extra ITM pairs that ground colours and shapes separately), or None
+    attribute: Callable[[int, bool, np.random.Generator], str | None] | None = None
     captions_of: list[list[int]] = field(default_factory=list)
     #: share of "easy" perturbations (a word replaced by one absent from the image); set by the trainer
     perturb_easy: float = 0.0
@@ -120,6 +123,9 @@ class TrainOptions:
     #: ITM extra negatives from caption perturbation (when the data has ``perturb``)
     perturb_negatives: bool = True
     perturb_count: int = 1  # perturbed captions per image and step
+    #: ITM pairs per image and step with a caption naming one attribute alone, half true, half false
+    #: (when the data has ``attribute``)
+    attribute_captions: int = 0
     #: curriculum: share of easy perturbations (absent colour/shape) from start to end of training
     perturb_easy_start: float = 0.0
     perturb_easy_end: float = 0.0
@@ -140,6 +146,8 @@ class TrainOptions:
             raise InvalidInputError("batch size must be >= 2")
         if self.epochs < 1 or self.grad_accum < 1:
             raise InvalidInputError("epochs and grad_accum must be >= 1")
+        if self.perturb_count < 0 or self.attribute_captions < 0:
+            raise InvalidInputError("perturb_count and attribute_captions must be >= 0")
         if not 0.0 <= self.group_mix < 1.0:
             raise InvalidInputError("group_mix must lie in [0, 1)")
         if self.precision not in ("fp32", "bf16"):
@@ -233,6 +241,20 @@ class AlbefArch(_Arch):
             fill = texts * self.opts.perturb_count
             nids, nmask = self._tokens([n if n is not None else t for n, t in zip(negs, fill, strict=True)])
             batch.neg_ids, batch.neg_mask, batch.neg_valid = nids, nmask, valid
+        if self.opts.attribute_captions and data.attribute is not None:
+            aux, owner, label = [], [], []
+            for r in range(self.opts.attribute_captions):
+                for c, i in enumerate(images):
+                    true = (r + c) % 2 == 0
+                    text = data.attribute(i, true, rng)
+                    if text is not None:
+                        aux.append(text)
+                        owner.append(c)
+                        label.append(int(true))
+            if aux:
+                batch.aux_ids, batch.aux_mask = self._tokens(aux)
+                batch.aux_owner = torch.tensor(owner, dtype=torch.long)
+                batch.aux_label = torch.tensor(label, dtype=torch.long)
         if data.matches is not None:
             m = torch.zeros(len(images), len(images), dtype=torch.bool)
             for a, t in enumerate(texts):

@@ -15,6 +15,7 @@ from index.scenes import (
     SHAPES,
     SceneObject,
     SceneSpec,
+    attribute_caption,
     caption_matches,
     caption_scene,
     claim_holds,
@@ -201,3 +202,42 @@ def test_perturbations_never_mention_a_pair_the_training_images_lack() -> None:
     assert made > 300
     assert leaks["allowed"] == 0
     assert leaks["free"] > 0  # without the restriction the leak is real, so the check above can fail
+
+
+def test_attribute_captions_are_true_or_false_as_asked_and_agree_with_pixels() -> None:
+    """Captions naming one attribute alone ("a red shape", "a triangle") are training data for the matching
+    head; they must be exactly as true as requested, parse back into the same claim, and a true colour claim
+    must be visible in the rendered pixels."""
+    rng = np.random.default_rng(7)
+    kinds = {"colour": 0, "shape": 0}
+    for _ in range(150):
+        spec = sample_scene(rng, "train")
+        img = np.asarray(render_scene(spec, 96))
+        for true in (True, False):
+            cap = attribute_caption(spec.objects, rng, true=true)
+            assert cap is not None
+            claim = parse_caption(cap)
+            assert not claim.mentions and len(claim.attributes) == 1, cap
+            colour, shape = claim.attributes[0]
+            assert (colour is None) != (shape is None), cap
+            kinds["colour" if colour else "shape"] += 1
+            assert caption_matches(cap, spec.objects) is true, (cap, spec.objects)
+            if colour is not None:
+                visible = _centroid(img, COLOURS[colour])[2] > 20
+                assert visible is true, (cap, spec.objects)
+            else:
+                assert any(o.shape == shape for o in spec.objects) is true
+    assert min(kinds.values()) > 100, kinds
+
+
+def test_attribute_claims_need_some_object_with_the_attribute() -> None:
+    objs = [
+        SceneObject("circle", "red", "small", 0.3, 0.3, 0.14),
+        SceneObject("square", "blue", "large", 0.7, 0.7, 0.2),
+    ]
+    assert caption_matches("a red shape", objs) and caption_matches("something blue", objs)
+    assert caption_matches("there is a square", objs) and caption_matches("a picture of a circle", objs)
+    assert not caption_matches("an orange object", objs) and not caption_matches("a triangle", objs)
+    # full mentions keep their meaning (exact counts, binding); a bare "shape" is no claim at all
+    assert caption_matches("a red circle", objs) and not caption_matches("a red square", objs)
+    assert not caption_matches("two shapes", objs) and not caption_matches("a shape", objs)

@@ -76,7 +76,9 @@ class AlbefBatch:
     captions are positives, never negatives). Optional:
 
     ``neg_ids``/``neg_mask``/``neg_valid``: perturbed (false) captions, ``P * B`` rows, row ``r`` belonging
-    to image ``r % B``: extra ITM negatives where ``neg_valid``; ``match``: [B, B] bool, ``match[i, j]`` = caption i is also true of image j (never
+    to image ``r % B``: extra ITM negatives where ``neg_valid``; ``aux_ids``/``aux_mask``/``aux_owner``/
+    ``aux_label``: further labelled ITM pairs (caption row, index of its image in the batch, 1 = match), e.g.
+    captions naming one attribute alone; ``match``: [B, B] bool, ``match[i, j]`` = caption i is also true of image j (never
     sampled as an ITM negative; the diagonal is implied).
     """
 
@@ -88,6 +90,10 @@ class AlbefBatch:
     neg_mask: torch.Tensor | None = None
     neg_valid: torch.Tensor | None = None
     match: torch.Tensor | None = None
+    aux_ids: torch.Tensor | None = None
+    aux_mask: torch.Tensor | None = None
+    aux_owner: torch.Tensor | None = None
+    aux_label: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> AlbefBatch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -102,6 +108,10 @@ class AlbefBatch:
             mv(self.neg_mask),
             mv(self.neg_valid),
             mv(self.match),
+            mv(self.aux_ids),
+            mv(self.aux_mask),
+            mv(self.aux_owner),
+            mv(self.aux_label),
         )
 
 
@@ -117,6 +127,7 @@ class AlbefLosses:
     itm_pos_acc: float  # positives predicted "match"
     itm_neg_acc: float  # in-batch hard negatives predicted "no match"
     itm_pert_acc: float  # caption-perturbation negatives predicted "no match" (nan when none)
+    itm_aux_acc: float = math.nan  # labelled extra pairs (attribute captions) predicted right
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -128,6 +139,7 @@ class AlbefLosses:
             "itm_pos_acc": self.itm_pos_acc,
             "itm_neg_acc": self.itm_neg_acc,
             "itm_pert_acc": self.itm_pert_acc,
+            "itm_aux_acc": self.itm_aux_acc,
         }
 
 
@@ -360,13 +372,24 @@ class AlbefForTraining(AlbefModel):
                 kv_p = tuple((k[owner], v[owner]) for k, v in kv)
                 parts.append(self.fuse(pert_states, batch.neg_mask[sel], None, kv_p)[:, 0, :])
                 n_pert = int(sel.numel())
+        label_parts = [torch.ones(b, dtype=torch.long), torch.zeros(2 * b + n_pert, dtype=torch.long)]
+        n_aux = 0
+        if batch.aux_ids is not None and batch.aux_mask is not None and batch.aux_ids.shape[0] > 0:
+            if batch.aux_owner is None or batch.aux_label is None:
+                raise InvalidInputError("aux_ids need aux_owner and aux_label")
+            aux_states = self.text_states(batch.aux_ids, batch.aux_mask)
+            kv_a = tuple((k[batch.aux_owner], v[batch.aux_owner]) for k, v in kv)
+            parts.append(self.fuse(aux_states, batch.aux_mask, None, kv_a)[:, 0, :])
+            label_parts.append(batch.aux_label.long().cpu())
+            n_aux = int(batch.aux_ids.shape[0])
         logits = self.itm_head(torch.cat(parts, dim=0))
-        labels = torch.cat(
-            [torch.ones(b, dtype=torch.long), torch.zeros(2 * b + n_pert, dtype=torch.long)]
-        ).to(logits.device)
+        labels = torch.cat(label_parts).to(logits.device)
         if opts.itm_balance:
-            n_neg = 2 * b + n_pert
-            weight = torch.tensor([1.0, n_neg / b], device=logits.device) * ((n_neg + b) / (2 * n_neg))
+            n_pos = int(labels.sum())
+            n_neg = int(labels.numel()) - n_pos
+            weight = torch.tensor([1.0, n_neg / n_pos], device=logits.device) * (
+                (n_neg + n_pos) / (2 * n_neg)
+            )
             loss_itm = F.cross_entropy(logits.float(), labels, weight=weight)
         else:
             loss_itm = F.cross_entropy(logits.float(), labels)
@@ -376,7 +399,8 @@ class AlbefForTraining(AlbefModel):
             itm_acc = float(correct.mean())
             pos_acc = float(correct[:b].mean())
             neg_acc = float(correct[b : 3 * b].mean())
-            pert_acc = float(correct[3 * b :].mean()) if n_pert else math.nan
+            pert_acc = float(correct[3 * b : 3 * b + n_pert].mean()) if n_pert else math.nan
+            aux_acc = float(correct[3 * b + n_pert :].mean()) if n_aux else math.nan
 
         # ---------------- MLM (second forward pass of the masked caption through text + fusion layers)
         loss_mlm = torch.zeros((), device=logits.device)
@@ -401,7 +425,7 @@ class AlbefForTraining(AlbefModel):
                     loss_mlm = (1 - alpha) * loss_mlm + alpha * loss_distill
 
         total = opts.itc_weight * loss_itc + opts.itm_weight * loss_itm + opts.mlm_weight * loss_mlm
-        return AlbefLosses(total, loss_itc, loss_itm, loss_mlm, itm_acc, pos_acc, neg_acc, pert_acc)
+        return AlbefLosses(total, loss_itc, loss_itm, loss_mlm, itm_acc, pos_acc, neg_acc, pert_acc, aux_acc)
 
 
 def _rows_with_mass(w: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,7 @@ def load_pairs(path: Path, image_root: Path | None, image_size: int, limit: int 
 
 
 def _attach_scene_functions(data: PairData, objects: list[Any]) -> None:
-    from index.scenes import SceneObject, claim_holds, parse_caption, perturb_caption
+    from index.scenes import SceneObject, attribute_caption, claim_holds, parse_caption, perturb_caption
 
     scene_objs = [[SceneObject(**o) for o in objs] for objs in objects]
     # (colour, shape) pairs the training images contain; perturbed negatives never mention any other pair
@@ -104,8 +104,12 @@ def _attach_scene_functions(data: PairData, objects: list[Any]) -> None:
             caption, scene_objs[image], rng, easy=data.perturb_easy, allowed_pairs=seen_pairs
         )
 
+    def attribute(image: int, true: bool, rng: np.random.Generator) -> str | None:
+        return attribute_caption(scene_objs[image], rng, true=true)
+
     data.matches = matches
     data.perturb = perturb
+    data.attribute = attribute
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -165,6 +169,12 @@ def train(
     perturb_count: int = typer.Option(
         1, "--perturb-count", help="ALBEF: perturbed captions per image and step."
     ),
+    attribute_captions: int = typer.Option(
+        0,
+        "--attribute-captions",
+        help="ALBEF: extra ITM pairs per image and step whose caption names one attribute alone "
+        "('a red shape', 'a triangle'), half true, half false.",
+    ),
     perturb_easy: tuple[float, float] = typer.Option(
         (0.0, 0.0), "--perturb-easy", help="ALBEF: share of easy perturbations (absent word), start and end."
     ),
@@ -215,6 +225,7 @@ def train(
         precision=precision,  # type: ignore[arg-type]
         perturb_negatives=perturb_negatives,
         perturb_count=perturb_count,
+        attribute_captions=attribute_captions,
         perturb_easy_start=perturb_easy[0],
         perturb_easy_end=perturb_easy[1],
         group_mix=group_mix,

@@ -174,6 +174,40 @@ def test_forward_returns_typed_losses(vocab: Path) -> None:
     assert all(p.grad is None for p in arch.model.visual_encoder_m.parameters())
 
 
+def test_attribute_pairs_enter_the_itm_loss_with_their_labels(vocab: Path) -> None:
+    """Labelled extra ITM pairs (captions naming one attribute) are fused with their own image and weighed
+    with their label: flipping the labels changes the loss, and the trainer builds them from
+    ``PairData.attribute`` half true, half false."""
+    torch.manual_seed(0)
+    arch = _arch(vocab, TrainOptions(batch_size=4, attribute_captions=2), mlm=False)
+    data = _toy_data(6, 0)
+    ids, mask = arch.tok(data.captions[:4])
+    aids, amask = arch.tok(["a red block", "a blue block", "a green block"])
+    owner = torch.tensor([0, 1, 3])
+
+    def loss(labels: list[int]) -> tuple[float, float]:
+        torch.manual_seed(1)
+        batch = AlbefBatch(data.pixels([0, 1, 2, 3]), ids, mask, torch.arange(4))
+        batch.aux_ids, batch.aux_mask, batch.aux_owner = aids, amask, owner
+        batch.aux_label = torch.tensor(labels)
+        out = arch.model(batch, alpha=0.0, generator=torch.Generator().manual_seed(0))
+        return float(out.itm.detach()), out.itm_aux_acc
+
+    (l1, acc1), (l2, acc2) = loss([1, 0, 1]), loss([0, 1, 0])
+    assert l1 != pytest.approx(l2) and acc1 + acc2 == pytest.approx(1.0)
+
+    asked: list[tuple[int, bool]] = []
+
+    def attribute(image: int, true: bool, rng: np.random.Generator) -> str | None:
+        asked.append((image, true))
+        return None if image == 2 else ("a red block" if true else "a cyan block")
+
+    data.attribute = attribute
+    out = arch.step_loss(data, [0, 1, 2, 3], step=0, epoch_frac=0.0)
+    assert len(asked) == 8 and sum(t for _, t in asked) == 4  # 2 per image, half of them true
+    assert not np.isnan(out["itm_aux_acc"])
+
+
 def test_losses_fall_and_itm_learns_binding(vocab: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     data, val = _toy_data(64, 1), _toy_data(48, 2)
