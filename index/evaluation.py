@@ -28,7 +28,8 @@ Modes (:func:`evaluate`)
 ``rerank``     ALBEF's step 3: for every image its top-``k_test`` texts by ``sims`` and for every text its
                top-``k_test`` images (same order as above: ties → higher index first); the cross-encoder scores
                each candidate pair; candidate score = ITM logit of "match" (``fusion="itm"``, ALBEF) or that
-               logit + the dual-encoder cosine (``"itm+itc"``, BLIP/LAVIS); every other entry scores −100.
+               logit + the dual-encoder cosine (``"itm+itc"``, BLIP/LAVIS) or logit + cosine × the dual
+               encoder's learned logit scale (``"itm+itc_logit"``); every other entry scores −100.
                A pair that is a candidate in both directions is scored once (``pair_evals`` counts the unique
                pairs actually run; ALBEF's protocol runs ``k·(N_i + N_t)``, reported as ``pair_evals_protocol``).
 ``all_pairs``  the cross-encoder over every (image, text) pair (refused above ``max_all_pairs`` pairs).
@@ -36,7 +37,7 @@ Modes (:func:`evaluate`)
 Cost columns: ``encoder_passes`` counts unimodal forward passes (one per image or text per model) the mode
 needs: dual ``N_i + N_t``; rerank ``N_i + N_t`` (dual) + the cross-encoder's text/image states for the items
 that appear in a candidate pair; all_pairs ``N_i + N_t`` cross-encoder states (+ ``N_i + N_t`` dual passes for
-``itm+itc``). Embeddings reused from the collection and image states rebuilt from the collection's feature
+``itm+itc``/``itm+itc_logit``). Embeddings reused from the collection and image states rebuilt from the collection's feature
 cache still count (they were paid at build time); ``meta`` says what was reused. ``seconds`` is the wall time
 of the work the mode needs, the shared dual-encoder part included in each mode that uses it.
 
@@ -65,7 +66,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from models.base import CrossEncoder, DualEncoder, ImageStates, TextStates
+from models.base import FUSIONS, CrossEncoder, DualEncoder, ImageStates, TextStates, fuse_scores
 from models.errors import (
     CorruptDataError,
     EncoderMismatchError,
@@ -80,9 +81,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Mode = Literal["dual", "rerank", "all_pairs"]
-Fusion = Literal["itm", "itm+itc"]
 MODES: tuple[str, ...] = ("dual", "rerank", "all_pairs")
-FUSIONS: tuple[str, ...] = ("itm", "itm+itc")
 NON_CANDIDATE = -100.0
 DEFAULT_MAX_ALL_PAIRS = 2_000_000
 RECALL_KEYS: tuple[str, ...] = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
@@ -857,7 +856,12 @@ def _run_modes(
     _warm_up(data, dual_encoder, cross_encoder if needs_cross else None)
 
     dual_emb: _DualEmbeddings | None = None
-    if any(m in ("dual", "rerank") for m in modes_t) or fusion == "itm+itc":
+    if fusion == "itm+itc_logit" and dual_encoder.info.itc_logit_scale is None:
+        raise InvalidInputError(
+            f"--fusion itm+itc_logit needs a dual encoder with a learned logit scale; {dual_encoder.info.spec} "
+            "has none (use itm or itm+itc)"
+        )
+    if any(m in ("dual", "rerank") for m in modes_t) or fusion != "itm":
         dual_emb = _dual_embeddings(dual_encoder, data, stored_i, stored_t, batch_size)
     sims: np.ndarray | None = None
     if dual_emb is not None:
@@ -909,9 +913,9 @@ def _run_modes(
             protocol[mode] = n_i * n_t
         img, txt = keys // n_t, keys % n_t
         logits = scorer.score(img, txt)  # float32, as ALBEF's score matrices
-        if fusion == "itm+itc":
+        if fusion != "itm":
             assert sims is not None
-            logits = logits + sims[img, txt].astype(np.float32)
+            logits = fuse_scores(logits, sims[img, txt], fusion, dual_encoder.info.itc_logit_scale)
         full = np.full((n_i, n_t), NON_CANDIDATE, dtype=np.float32)
         if mode == "rerank":
             s_i2t = full
@@ -926,9 +930,9 @@ def _run_modes(
         else:
             full[img, txt] = logits
             passes = scorer.text_passes + scorer.image_passes + scorer.images_from_cache
-            passes += (n_i + n_t) if fusion == "itm+itc" else 0
+            passes += (n_i + n_t) if fusion != "itm" else 0
             res = _finish(mode, data, full, None, passes, len(keys), 0.0, protocol[mode])
-        needs_dual = mode == "rerank" or fusion == "itm+itc"
+        needs_dual = mode == "rerank" or fusion != "itm"
         results.append(_with_seconds(res, time.perf_counter() - t0 + (dual_s if needs_dual else 0.0)))
         images_from_cache = max(images_from_cache, scorer.images_from_cache)
 

@@ -15,10 +15,38 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InvalidInputError
+
 Precision = Literal["fp32", "fp16", "bf16"]
 ResizeMode = Literal["squash", "shortest", "longest"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+Fusion = Literal["itm", "itm+itc", "itm+itc_logit"]
+#: how a reranked candidate's sort key combines the cross-encoder's ITM "match" logit with the dual encoder's
+#: cosine: ``itm`` the logit alone (ALBEF); ``itm+itc`` logit + cosine (BLIP/LAVIS); ``itm+itc_logit`` logit +
+#: the ITC *logit*, cosine × the dual encoder's learned logit scale (1 / temperature), i.e. the sum of two
+#: log-odds on the scale each head was trained on.
+FUSIONS: tuple[str, ...] = ("itm", "itm+itc", "itm+itc_logit")
+
+
+def fuse_scores(
+    itm_logit: np.ndarray, itc_cosine: np.ndarray, fusion: str, itc_logit_scale: float | None = None
+) -> np.ndarray:
+    """The sort key of reranked candidates under ``fusion`` (see :data:`FUSIONS`), float32."""
+    logit = np.asarray(itm_logit, dtype=np.float32)
+    if fusion == "itm":
+        return logit
+    cos = np.asarray(itc_cosine, dtype=np.float32)
+    if fusion == "itm+itc":
+        return logit + cos
+    if fusion == "itm+itc_logit":
+        if itc_logit_scale is None or not itc_logit_scale > 0:
+            raise InvalidInputError(
+                "fusion itm+itc_logit needs a dual encoder with a learned logit scale (temperature)"
+            )
+        return logit + cos * np.float32(itc_logit_scale)
+    raise InvalidInputError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:
@@ -53,6 +81,9 @@ class ModelInfo:
     #: cross-encoders: the score fusion used when a request names none. ALBEF ranks by the ITM logit
     #: ("itm"), BLIP/LAVIS by logit + ITC cosine ("itm+itc"); a shipped model's choice is measured.
     default_fusion: str = "itm"
+    #: dual encoders: the learned contrastive logit scale (1 / temperature; CLIP's ``logit_scale.exp()``,
+    #: ALBEF's ``1 / temp``), the factor that turns a cosine into a logit; None where the weights lack it
+    itc_logit_scale: float | None = None
 
     @property
     def id(self) -> str:

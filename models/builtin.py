@@ -14,7 +14,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .base import CrossEncoder, DualEncoder, Precision
+from .base import FUSIONS, CrossEncoder, DualEncoder, Precision
 from .errors import InvalidInputError, ModelUnavailableError
 from .registry import ModelEntry, ModelSpec, parse_spec, register_family
 
@@ -64,15 +64,17 @@ def _weights_file(stem: str, spec: ModelSpec) -> Path:
 
 
 def scenes_albef_default_fusion() -> str:
-    """The score fusion the shipped ALBEF reranks with by default: whichever of ``itm`` / ``itm+itc`` scored
+    """The score fusion the shipped ALBEF reranks with by default: whichever of :data:`~models.base.FUSIONS` scored
     better on the validation splits when the weights were exported (``scenes-albef.fusion.json``, written by
     ``docs/training/choose_fusion.py``; the test splits are never used for the choice)."""
     path = WEIGHTS_DIR / "scenes-albef.fusion.json"
     if not path.is_file():
         return "itm"
     choice = json.loads(path.read_text(encoding="utf-8")).get("default_fusion", "itm")
-    if choice not in ("itm", "itm+itc"):
-        raise ModelUnavailableError(f"{path}: default_fusion must be itm or itm+itc, got {choice!r}")
+    if choice not in FUSIONS:
+        raise ModelUnavailableError(
+            f"{path}: default_fusion must be one of {', '.join(FUSIONS)}, got {choice!r}"
+        )
     return str(choice)
 
 

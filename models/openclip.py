@@ -239,6 +239,8 @@ def build_open_clip(
     if not embed_dim:
         with torch.inference_mode():
             embed_dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
+    scale = getattr(model, "logit_scale", None)
+    itc_logit_scale = float(scale.detach().float().exp()) if isinstance(scale, torch.Tensor) else None
     info = ModelInfo(
         spec=spec.raw,
         family="open_clip",
@@ -248,6 +250,7 @@ def build_open_clip(
         embed_dim=embed_dim,
         preprocess=preprocess_of(model),
         description=description or f"open_clip {name}",
+        itc_logit_scale=itc_logit_scale,
     )
     return OpenClipDualEncoder(model, preprocess, tokenizer, info, device, precision)
 

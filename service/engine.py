@@ -33,7 +33,7 @@ from index.collection import Collection, is_collection
 from index.manifest import Manifest
 from index.sources import text_sha256
 from index.types import Item, NewItem, SearchResult
-from models.base import CrossEncoder, DualEncoder
+from models.base import CrossEncoder, DualEncoder, fuse_scores
 from models.errors import (
     AlignfuseError,
     InvalidInputError,
@@ -458,6 +458,12 @@ class SearchEngine:
             raise InvalidInputError(
                 f"fusion must be one of {FUSIONS}", detail={"field": "fusion", "allowed": FUSIONS}
             )
+        if req.fusion == "itm+itc_logit" and self._itc_logit_scale() is None:
+            raise InvalidInputError(
+                "fusion itm+itc_logit needs a dual encoder with a learned logit scale; the dual encoder "
+                "has none",
+                detail={"field": "fusion", "allowed": ["itm", "itm+itc"]},
+            )
         query: Modality = "text" if req.text is not None else "image"
         target: Modality = req.target or ("image" if query == "text" else "text")
         if target not in ("image", "text"):
@@ -474,6 +480,9 @@ class SearchEngine:
             )
         rerank = cross_modal and self.cross is not None and req.rerank is not False
         return query, target, max(cand, req.k), rerank
+
+    def _itc_logit_scale(self) -> float | None:
+        return None if self.dual is None else self.dual.info.itc_logit_scale
 
     def _enter(self) -> None:
         with self._inflight_lock:
@@ -497,7 +506,10 @@ class SearchEngine:
         plan = self._validate(req)
         if req.fusion is None:
             default = self.cross.info.default_fusion if self.cross is not None else "itm"
-            req = replace(req, fusion="itm+itc" if default == "itm+itc" else "itm")
+            fusion = default if default in FUSIONS else "itm"
+            if fusion == "itm+itc_logit" and self._itc_logit_scale() is None:
+                fusion = "itm+itc"  # this dual encoder has no logit scale: the nearest fusion it supports
+            req = replace(req, fusion=fusion)  # type: ignore[arg-type]
         self._enter()
         timeout = self.settings.limits.request_timeout_s
         try:
@@ -651,7 +663,8 @@ class SearchEngine:
         n = len(items)
         if reranked:
             # a candidate whose image could not be read falls back to its ITC score
-            score = np.where(np.isnan(logit), itc, logit + (itc if req.fusion == "itm+itc" else 0.0))
+            fused = fuse_scores(logit, itc, req.fusion or "itm", self._itc_logit_scale())
+            score = np.where(np.isnan(logit), itc, fused)
         else:
             score = itc.copy()
         # stable sort by score desc; ties keep ITC order (the candidates arrive ITC-sorted)

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from models.base import FUSIONS as FUSIONS
+from models.base import Fusion as Fusion
+
 Modality = Literal["image", "text"]
-Fusion = Literal["itm", "itm+itc"]
-FUSIONS: tuple[str, ...] = ("itm", "itm+itc")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class SearchRequest:
     searched: by default the other one (text→image, image→text); text→text and image→image use the dual
     encoder only. ``candidates`` (C) defaults to the settings' ``default_candidates``. ``rerank``: None =
     rerank whenever a cross-encoder is loaded and the search is cross-modal; True requires it. ``fusion``:
-    ``itm`` sorts by the ITM match logit, ``itm+itc`` by logit + cosine; None: the reranker's own default
+    ``itm`` sorts by the ITM match logit, ``itm+itc`` by logit + cosine, ``itm+itc_logit`` by logit + cosine ×
+    the dual encoder's logit scale (:func:`models.base.fuse_scores`); None: the reranker's own default
     (``ModelInfo.default_fusion``). ``min_match`` drops reranked hits
     whose ITM match probability is below it. ``include_itc`` also returns the top-k by ITC alone.
     """

@@ -6,6 +6,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,8 @@ def expected_matrices(data, dual, cross: FakeCross, k: int, fusion: str):  # typ
     f = v.astype(np.float64) @ h.T.astype(np.float64)
     if fusion == "itm+itc":
         f = f + sims
+    if fusion == "itm+itc_logit":
+        f = f + sims * dual.info.itc_logit_scale
     n_i, n_t = sims.shape
     s_i2t = np.full((n_i, n_t), NON_CANDIDATE)
     s_t2i = np.full((n_t, n_i), NON_CANDIDATE)
@@ -393,7 +396,18 @@ def expected_matrices(data, dual, cross: FakeCross, k: int, fusion: str):  # typ
     return sims, f, s_i2t, s_t2i, pairs
 
 
-@pytest.mark.parametrize(("k", "fusion"), [(3, "itm"), (5, "itm+itc")])
+def test_logit_fusion_needs_a_dual_encoder_with_a_logit_scale(scenes: Path, dual) -> None:  # type: ignore[no-untyped-def]
+    assert dual.info.itc_logit_scale is not None and dual.info.itc_logit_scale > 1
+    saved = dual.info
+    dual.info = replace(saved, itc_logit_scale=None)
+    try:
+        with pytest.raises(InvalidInputError, match="itm\\+itc_logit"):
+            evaluate(None, scenes, None, dual, FakeCross(), ["rerank"], 3, 64, fusion="itm+itc_logit")
+    finally:
+        dual.info = saved
+
+
+@pytest.mark.parametrize(("k", "fusion"), [(3, "itm"), (5, "itm+itc"), (4, "itm+itc_logit")])
 def test_rerank_matches_independent_computation(scenes: Path, dual, k: int, fusion: str) -> None:  # type: ignore[no-untyped-def]
     cross = FakeCross()
     report = evaluate(None, scenes, None, dual, cross, ["dual", "rerank"], k, 64, fusion=fusion)

@@ -1,10 +1,11 @@
-"""Measure an exported ALBEF on the validation splits with both score fusions; optionally record the choice.
+"""Measure an exported ALBEF on the validation splits with every score fusion; optionally record the choice.
 
     OMP_NUM_THREADS=1 .venv/bin/python docs/training/choose_fusion.py models/weights/scenes-albef \
         runs/data2/val/scenes.json runs/data2/compval/scenes.json --write
 
 For each split: ALBEF's protocol (index.evaluation.evaluate) with the model's ITC as the dual encoder and a
-top-``k`` ITM rerank, once with ``fusion="itm"`` (ALBEF) and once with ``"itm+itc"`` (BLIP/LAVIS). Prints one
+top-``k`` ITM rerank with each fusion of :data:`models.base.FUSIONS`: ``"itm"`` (ALBEF), ``"itm+itc"``
+(BLIP/LAVIS) and ``"itm+itc_logit"`` (logit + cosine / ITC temperature). Prints one
 JSON line per (split, fusion). The choice is the fusion with the higher mean rerank R@1 over every split and
 both directions. Use validation data only (held-out seed 2 and compositional seed 5 in docs/training): the
 test splits report the result and never pick it. ``--write`` records the measurements and the choice in

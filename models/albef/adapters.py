@@ -92,6 +92,7 @@ class AlbefBundle:
             preprocess=albef_preprocess(self.config),
             description=description,
             extra=(("kind", kind), ("max_text_len", str(self.config.max_text_len))),
+            itc_logit_scale=1.0 / float(self.model.temp.detach().float().clamp(0.001, 0.5)),
         )
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Modality = Literal["image", "text"]
-Fusion = Literal["itm", "itm+itc"]
+Fusion = Literal["itm", "itm+itc", "itm+itc_logit"]
 
 
 class _In(BaseModel):
@@ -44,7 +44,8 @@ class SearchBody(_In):
     )
     fusion: Fusion | None = Field(
         None,
-        description="Sort by ITM logit (itm) or ITM logit + ITC cosine (itm+itc); default: the reranker's own "
+        description="Sort by ITM logit (itm), ITM logit + ITC cosine (itm+itc) or ITM logit + ITC cosine × the "
+        "dual encoder's logit scale (itm+itc_logit); default: the reranker's own "
         "(`default_fusion` in GET /v1/collections).",
     )
     min_match: float | None = Field(

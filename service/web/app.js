@@ -134,9 +134,10 @@
     };
     add("itc", `cos ${fmt(hit.itc, 3)}`, "dual-encoder cosine (ITC)");
     if (hit.itm_prob !== null) add("itm", `p ${fmt(hit.itm_prob, 3)}`, `ITM match probability (logit ${fmt(hit.itm_logit, 2)})`);
-    // the reranked column is sorted by this: the ITM "match" logit (ALBEF), plus the cosine with itm+itc;
+    // the reranked column is sorted by this: the ITM "match" logit (ALBEF), plus the cosine with itm+itc or the
+    // cosine times the dual encoder's logit scale with itm+itc_logit;
     // it is not monotone in p, which is a softmax over both ITM classes
-    if (mode === "itm" && hit.itm_logit !== null) add("sort", `score ${fmt(hit.score, 2)}`, "sort key: ITM match logit (+ cosine when fusion is itm+itc)");
+    if (mode === "itm" && hit.itm_logit !== null) add("sort", `score ${fmt(hit.score, 2)}`, "sort key: ITM match logit (+ cosine with itm+itc, + cosine × logit scale with itm+itc_logit)");
     body.appendChild(s);
     if (hit.rerank_failed) {
       const f = document.createElement("div"); f.className = "flag"; f.textContent = "image unreadable: ITC score kept"; body.appendChild(f);

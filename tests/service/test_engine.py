@@ -75,6 +75,30 @@ def test_fusion_defaults_to_the_rerankers_own(engine: SearchEngine) -> None:
     assert engine.search_sync(replace(req, fusion="itm")).fusion == "itm"
 
 
+def test_fusion_with_the_itc_logit(engine: SearchEngine) -> None:
+    """``itm+itc_logit`` adds the cosine on the dual encoder's logit scale (1 / temperature); a dual encoder
+    without one refuses it when asked and falls back to ``itm+itc`` when it is only the reranker's default."""
+    assert engine.dual is not None and engine.cross is not None
+    scale = engine.dual.info.itc_logit_scale
+    assert scale is not None and scale > 1
+    req = SearchRequest(collection="plain", text="two blue squares", k=16, candidates=16)
+    r = engine.search_sync(replace(req, fusion="itm+itc_logit"))
+    assert r.fusion == "itm+itc_logit" and r.reranked
+    for h in r.hits:
+        assert h.score == pytest.approx(h.itm_logit + h.itc * scale, rel=1e-5, abs=1e-4)
+    assert [h.score for h in r.hits] == sorted((h.score for h in r.hits), reverse=True)
+    dual_info, cross_info = engine.dual.info, engine.cross.info
+    try:
+        engine.cross.info = replace(cross_info, default_fusion="itm+itc_logit")
+        assert engine.search_sync(req).fusion == "itm+itc_logit"
+        engine.dual.info = replace(dual_info, itc_logit_scale=None)
+        with pytest.raises(InvalidInputError, match="logit scale"):
+            engine.search_sync(replace(req, fusion="itm+itc_logit"))
+        assert engine.search_sync(req).fusion == "itm+itc"
+    finally:
+        engine.dual.info, engine.cross.info = dual_info, cross_info
+
+
 def test_rerank_off_is_dual_encoder_order(engine: SearchEngine) -> None:
     r = engine.search_sync(SearchRequest(collection="plain", text="a green star", k=6, rerank=False))
     assert not r.reranked and r.pairs_scored == 0
