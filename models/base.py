@@ -25,9 +25,19 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 Fusion = Literal["itm", "itm+itc", "itm+itc_logit"]
 #: how a reranked candidate's sort key combines the cross-encoder's ITM "match" logit with the dual encoder's
 #: cosine: ``itm`` the logit alone (ALBEF); ``itm+itc`` logit + cosine (BLIP/LAVIS); ``itm+itc_logit`` logit +
-#: the ITC *logit*, cosine × the dual encoder's learned logit scale (1 / temperature), i.e. the sum of two
-#: log-odds on the scale each head was trained on.
+#: the ITC *logit*, cosine × the dual encoder's learned logit scale (1 / temperature): both terms on the logit
+#: scale their heads were trained on, where a cosine alone (a few hundredths between candidates) barely counts.
 FUSIONS: tuple[str, ...] = ("itm", "itm+itc", "itm+itc_logit")
+
+
+def default_fusion_for(reranker_default: str, itc_logit_scale: float | None) -> str:
+    """The fusion a search or evaluation runs when none is asked for: the reranker's own default, except that
+    ``itm+itc_logit`` becomes ``itm+itc`` with a dual encoder that has no logit scale (the nearest it supports).
+    """
+    fusion = reranker_default if reranker_default in FUSIONS else "itm"
+    if fusion == "itm+itc_logit" and itc_logit_scale is None:
+        return "itm+itc"
+    return fusion
 
 
 def fuse_scores(

@@ -33,7 +33,7 @@ from index.collection import Collection, is_collection
 from index.manifest import Manifest
 from index.sources import text_sha256
 from index.types import Item, NewItem, SearchResult
-from models.base import CrossEncoder, DualEncoder, fuse_scores
+from models.base import CrossEncoder, DualEncoder, default_fusion_for, fuse_scores
 from models.errors import (
     AlignfuseError,
     InvalidInputError,
@@ -506,9 +506,7 @@ class SearchEngine:
         plan = self._validate(req)
         if req.fusion is None:
             default = self.cross.info.default_fusion if self.cross is not None else "itm"
-            fusion = default if default in FUSIONS else "itm"
-            if fusion == "itm+itc_logit" and self._itc_logit_scale() is None:
-                fusion = "itm+itc"  # this dual encoder has no logit scale: the nearest fusion it supports
+            fusion = default_fusion_for(default, self._itc_logit_scale())
             req = replace(req, fusion=fusion)  # type: ignore[arg-type]
         self._enter()
         timeout = self.settings.limits.request_timeout_s

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from index.evaluation import DEFAULT_MAX_ALL_PAIRS, FUSIONS, MODES, EvalReport, evaluate
-from models.base import PRECISIONS
+from models.base import PRECISIONS, default_fusion_for
 from models.errors import InvalidInputError, NotFoundError
 from models.registry import create_cross_encoder, create_dual_encoder, resolve_device
 
@@ -103,8 +103,8 @@ def eval_command(
     fusion: str | None = typer.Option(
         None,
         "--fusion",
-        help="itm (ALBEF: ITM logit) or itm+itc (BLIP: logit + cosine); default: the reranker's own, as the "
-        "service uses it (ALBEF checkpoints: itm).",
+        help="itm (ALBEF: ITM logit), itm+itc (BLIP: logit + cosine) or itm+itc_logit (logit + cosine x the "
+        "dual encoder's logit scale); default: the reranker's own, as the service uses it (ALBEF checkpoints: itm).",
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
@@ -181,7 +181,10 @@ def eval_command(
             mode_list,
             k_test,
             batch_size,
-            fusion=fusion or (cross.info.default_fusion if cross is not None else "itm"),
+            fusion=fusion
+            or default_fusion_for(
+                cross.info.default_fusion if cross is not None else "itm", dual.info.itc_logit_scale
+            ),
             limit=limit,
             max_all_pairs=max_all_pairs,
         )

@@ -45,3 +45,12 @@ def test_dual_encoders_report_their_learned_logit_scale() -> None:
     temp = float(albef.bundle.model.temp.detach())  # type: ignore[attr-defined]
     assert albef.info.itc_logit_scale == pytest.approx(1 / temp)
     assert math.isfinite(albef.info.itc_logit_scale)
+
+
+def test_default_fusion_falls_back_where_the_dual_encoder_has_no_logit_scale() -> None:
+    from models.base import default_fusion_for
+
+    assert default_fusion_for("itm+itc_logit", 14.3) == "itm+itc_logit"
+    assert default_fusion_for("itm+itc_logit", None) == "itm+itc"
+    assert default_fusion_for("itm+itc", None) == "itm+itc" and default_fusion_for("itm", 14.3) == "itm"
+    assert default_fusion_for("something-else", 14.3) == "itm"
