@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.base import Fusion as Fusion
+
 Modality = Literal["image", "text"]
-Fusion = Literal["itm", "itm+itc", "itm+itc_logit"]
 
 
 class _In(BaseModel):
