@@ -37,9 +37,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index import BuildOptions, ImageFolderSource, build_collection
-from models.base import DualEncoder
-from models.registry import create_dual_encoder
+from alignfuse.index import BuildOptions, ImageFolderSource, build_collection
+from alignfuse.models.base import DualEncoder
+from alignfuse.models.registry import create_dual_encoder
 
 log = logging.getLogger("bench.build")
 RESULTS = Path(__file__).resolve().parent / "results"

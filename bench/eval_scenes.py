@@ -2,7 +2,7 @@
 
 For each split (held-out test, seed 3; compositional, seed 4: the seeds of the shipped models' model cards):
 generate 1,000 scenes if absent, build a collection with the shipped ALBEF (ITC = dual encoder, rerank cache of
-its image tokens), then run ALBEF's protocol (index.evaluation.evaluate):
+its image tokens), then run ALBEF's protocol (alignfuse.evaluation.protocol.evaluate):
   * dual + rerank (top-k_test) on the whole split;
   * dual + rerank + all_pairs on the first ``--all-pairs-limit`` images (default 1000 = the whole split:
     5M cross-encoder forwards, ~16 min per split at 1 thread on this CPU).
@@ -34,10 +34,10 @@ MODEL = "alignfuse:scenes-albef"
 def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, threads: int) -> dict:
     import torch
 
-    from index import BuildOptions, build_collection, open_source
-    from index.evaluation import evaluate
-    from index.scenes import generate_scenes
-    from models.registry import create_cross_encoder, create_dual_encoder
+    from alignfuse.data.scenes import generate_scenes
+    from alignfuse.evaluation.protocol import evaluate
+    from alignfuse.index import BuildOptions, build_collection, open_source
+    from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
     torch.set_num_threads(threads)
     seed = SEEDS[split]
@@ -178,9 +178,9 @@ CARD_FILE = ROOT / "models" / "weights" / "card_metrics.json"
 
 def card_metrics(data: Path) -> dict:
     """Metrics of the shipped models on the first 100 held-out test scenes (dual, and ALBEF rerank)."""
-    from index.evaluation import evaluate
-    from index.scenes import generate_scenes
-    from models.registry import create_cross_encoder, create_dual_encoder
+    from alignfuse.data.scenes import generate_scenes
+    from alignfuse.evaluation.protocol import evaluate
+    from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
     sub = CARD_SUBSET
     scenes_dir = data / f"card-{sub['split']}-seed{sub['seed']}-n{sub['count']}"

@@ -5,7 +5,7 @@ Compares, on identical random weights and inputs (image tokens are given, as fro
 * ``reference``: transformers' BERT layer stack (``BertEmbeddings`` + ``BertLayer``s, cross-attention in the
   fusion layers), run over every (text, image) pair: the text layers are recomputed per pair and the image
   K/V projected per pair, all C pairs in one batched forward;
-* ``ours``: :class:`models.albef.AlbefModel`: text layers once, fusion layers over C pairs, image K/V projected
+* ``ours``: :class:`alignfuse.models.albef.AlbefModel`: text layers once, fusion layers over C pairs, image K/V projected
   from the tokens;
 * ``ours_kv``: the same with the cross-attention K/V cache precomputed per image (``ImageStates.kv``).
 
@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.albef.bert import attention_bias
-from models.albef.config import ALBEF_CONFIGS, AlbefConfig
-from models.albef.model import AlbefModel
+from alignfuse.models.albef.bert import attention_bias
+from alignfuse.models.albef.config import ALBEF_CONFIGS, AlbefConfig
+from alignfuse.models.albef.model import AlbefModel
 
 log = logging.getLogger("bench.rerank")
 

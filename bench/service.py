@@ -49,9 +49,9 @@ def build_bench_collection(root: Path, model: str, reranker: str, scenes: int) -
     """A scenes collection built with ``model`` (+ rerank cache by ``reranker``); returns query captions."""
     import torch
 
-    from index import BuildOptions, KarpathySource, build_collection
-    from index.scenes import generate_scenes
-    from models.registry import create_cross_encoder, create_dual_encoder
+    from alignfuse.data.scenes import generate_scenes
+    from alignfuse.index import BuildOptions, KarpathySource, build_collection
+    from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data = root.parent / "data"
@@ -85,7 +85,7 @@ class Server:
     def __init__(self, root: Path, model: str, reranker: str, env: dict[str, str]) -> None:
         port = _free_port()
         cmd = [
-            sys.executable, "-c", "from service.cli import main; main()", "serve",
+            sys.executable, "-c", "from alignfuse.service.cli import main; main()", "serve",
             "--host", "127.0.0.1", "--port", str(port), "--collections", str(root),
             "--model", model, "--reranker", reranker, "--log-level", "warning",
         ]  # fmt: skip

@@ -1,7 +1,7 @@
 """Collections on disk (FAISS + item store + feature cache), data sources and the streaming builder.
 
 May import ``models`` (protocols, factories); never ``service`` or fastapi; never reads the environment.
-The public names below are imported lazily (PEP 562), so ``import index.scenes`` does not load torch/faiss.
+The public names below are imported lazily (PEP 562), so ``import alignfuse.index.options`` does not load torch/faiss.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import IO
 
 import numpy as np
 
-from models.errors import ConflictError
+from alignfuse.errors import ConflictError
 
 _NPY_HEADER_BYTES = 128  # fixed, so the shape can be rewritten in place when the file is complete
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import faiss
 import numpy as np
 
-from models.errors import CorruptDataError, InvalidInputError
+from alignfuse.errors import CorruptDataError, InvalidInputError
 
 from .options import IndexOptions
 

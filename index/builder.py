@@ -32,8 +32,8 @@ from rich.progress import (
 from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
-from models.base import CrossEncoder, DualEncoder, ImageTransform
-from models.errors import ConflictError, InvalidInputError, NotFoundError
+from alignfuse.errors import ConflictError, InvalidInputError, NotFoundError
+from alignfuse.models.base import CrossEncoder, DualEncoder, ImageTransform
 
 from ._fs import close_inherited_lock
 from .collection import Collection, CollectionWriter, ShaLookup, is_collection

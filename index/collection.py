@@ -48,14 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from models.base import ModelInfo
-from models.errors import (
+from alignfuse.errors import (
     ConflictError,
     CorruptDataError,
     EncoderMismatchError,
     InvalidInputError,
     NotFoundError,
 )
+from alignfuse.models.base import ModelInfo
 
 from ._fs import (
     NpyAppender,

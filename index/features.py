@@ -1,6 +1,6 @@
 """The optional rerank cache: a cross-encoder's image tokens (fp16, memory-mapped) keyed by item id.
 
-Written through :meth:`index.collection.CollectionWriter.put_features` (chunks ``features/<id>.npy`` fp16
+Written through :meth:`alignfuse.index.collection.CollectionWriter.put_features` (chunks ``features/<id>.npy`` fp16
 [n, L, D] and ``features/<id>.ids.npy`` int64 [n], listed in the manifest); read here.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import CorruptDataError, NotFoundError
+from alignfuse.errors import CorruptDataError, NotFoundError
 
 from .manifest import EncoderRecord, FeaturesRecord
 

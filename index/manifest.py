@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from models.base import ModelInfo, Preprocess
-from models.errors import CorruptDataError, EncoderMismatchError
+from alignfuse.errors import CorruptDataError, EncoderMismatchError
+from alignfuse.models.base import ModelInfo, Preprocess
 
 from .types import KINDS, Kind
 

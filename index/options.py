@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models.errors import InvalidInputError
+from alignfuse.errors import InvalidInputError
 
 GiB = 1 << 30
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from models.errors import InvalidInputError, NotFoundError
+from alignfuse.errors import InvalidInputError, NotFoundError
 
 from .types import Kind
 

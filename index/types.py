@@ -39,7 +39,7 @@ class Item:
 
 @dataclass(frozen=True)
 class NewItem:
-    """An item to add through a :class:`~index.collection.CollectionWriter` (no id yet)."""
+    """An item to add through a :class:`~alignfuse.index.collection.CollectionWriter` (no id yet)."""
 
     kind: Kind
     uri: str

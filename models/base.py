@@ -15,12 +15,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InvalidInputError
+from alignfuse.errors import InvalidInputError
 
 Precision = Literal["fp32", "fp16", "bf16"]
 ResizeMode = Literal["squash", "shortest", "longest"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+#: the pixel normalisation of OpenAI's CLIP, which ALBEF, BLIP and the shipped scenes models reuse
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 Fusion = Literal["itm", "itm+itc", "itm+itc_logit"]
 #: how a reranked candidate's sort key combines the cross-encoder's ITM "match" logit with the dual encoder's
@@ -162,8 +166,8 @@ class ImageStates:
 
 @dataclass(frozen=True)
 class MatchScores:
-    """Cross-encoder output per pair: the ITM logit of the "match" class and the match probability
-    (softmax over the two ITM classes). Also the raw two-class logits, for score fusion."""
+    """Cross-encoder output per pair: the ITM logit of the "match" class (the score fusions of
+    :func:`fuse_scores` add to it) and the match probability (softmax over the two ITM classes)."""
 
     logit: np.ndarray  # float32 [n]: logit of class 1 ("match")
     prob: np.ndarray  # float32 [n]: softmax(logits)[:, 1]
@@ -172,8 +176,6 @@ class MatchScores:
 def pair_count(text: TextStates, images: ImageStates) -> int:
     """How many pairs ``CrossEncoder.score(text, images)`` scores: equal batches pair up, a batch of 1
     broadcasts. Raises InvalidInputError otherwise (the one place this rule lives)."""
-    from .errors import InvalidInputError
-
     nt, ni = len(text), len(images)
     if nt == 0 or ni == 0:
         return 0

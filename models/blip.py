@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.albef.adapters import SquashTransform
-from models.base import (
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.models.albef.adapters import SquashTransform
+from alignfuse.models.base import (
     ImageStates,
     ImageTransform,
     MatchScores,
@@ -37,8 +38,7 @@ from models.base import (
     TextStates,
     pair_count,
 )
-from models.errors import InvalidInputError, ModelUnavailableError
-from models.registry import ModelEntry, ModelSpec, register_family
+from alignfuse.models.registry import ModelEntry, ModelSpec, register_family
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _hub_cached(repo: str, filename: str = "config.json") -> str | None:
 
 def _locate(spec: ModelSpec) -> tuple[str, bool]:
     """(path or repo id to load from, local_files_only). Fails fast when nothing can be loaded."""
-    from models.hub import hub_offline, require_download
+    from alignfuse.models.hub import hub_offline, require_download
 
     if spec.tag is not None:
         raise InvalidInputError(f"{spec.raw}: BLIP specs take no '@tag' (use blip:<hub id or local dir>)")
@@ -95,7 +95,7 @@ def _locate(spec: ModelSpec) -> tuple[str, bool]:
 
 
 def _weights_sha256(source: str, model: torch.nn.Module) -> tuple[str, str]:
-    from models.hub import sha256_file, sha256_state_dict
+    from alignfuse.models.hub import sha256_file, sha256_state_dict
 
     for fname in _WEIGHT_FILES:
         path = Path(source) / fname if Path(source).is_dir() else None

@@ -14,9 +14,9 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .base import FUSIONS, CrossEncoder, DualEncoder, Precision
-from .errors import InvalidInputError, ModelUnavailableError
-from .registry import ModelEntry, ModelSpec, parse_spec, register_family
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.models.base import FUSIONS, CrossEncoder, DualEncoder, Precision
+from alignfuse.models.registry import ModelEntry, ModelSpec, parse_spec, register_family
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _weights_file(stem: str, spec: ModelSpec) -> Path:
 
 
 def scenes_albef_default_fusion() -> str:
-    """The score fusion the shipped ALBEF reranks with by default: whichever of :data:`~models.base.FUSIONS` scored
+    """The score fusion the shipped ALBEF reranks with by default: whichever of :data:`~alignfuse.models.base.FUSIONS` scored
     better on the validation splits when the weights were exported (``scenes-albef.fusion.json``, written by
     ``docs/training/choose_fusion.py``; the test splits are never used for the choice)."""
     path = WEIGHTS_DIR / "scenes-albef.fusion.json"
@@ -87,7 +87,7 @@ def _scenes_albef_spec(spec: ModelSpec) -> ModelSpec:
 def _dual(spec: ModelSpec, device: torch.device, precision: Precision) -> DualEncoder:
     from dataclasses import replace
 
-    from .openclip import build_open_clip
+    from alignfuse.models.openclip import build_open_clip
 
     name = _builtin_name(spec)
     if name == "random-tiny":
@@ -108,7 +108,7 @@ def _dual(spec: ModelSpec, device: torch.device, precision: Precision) -> DualEn
             description=_DESCRIPTIONS[name],
         )
         return enc
-    from .registry import create_dual_encoder
+    from alignfuse.models.registry import create_dual_encoder
 
     inner = create_dual_encoder(_scenes_albef_spec(spec), device, precision)
     inner.info = replace(inner.info, spec=spec.raw, description=_DESCRIPTIONS[name])
@@ -118,7 +118,7 @@ def _dual(spec: ModelSpec, device: torch.device, precision: Precision) -> DualEn
 def _cross(spec: ModelSpec, device: torch.device, precision: Precision) -> CrossEncoder:
     from dataclasses import replace
 
-    from .registry import create_cross_encoder
+    from alignfuse.models.registry import create_cross_encoder
 
     name = _builtin_name(spec)
     if name != "scenes-albef":

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import ModelUnavailableError
+from alignfuse.errors import ModelUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from open_clip import pretrained as oc_pretrained
 
-from .base import ImageTransform, ModelInfo, Precision, Preprocess
-from .errors import InvalidInputError, ModelUnavailableError
-from .hub import require_download, sha256_file, sha256_state_dict
-from .registry import ModelEntry, ModelSpec, register_family
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.models.base import ImageTransform, ModelInfo, Precision, Preprocess
+from alignfuse.models.hub import require_download, sha256_file, sha256_state_dict
+from alignfuse.models.registry import ModelEntry, ModelSpec, register_family
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Literal
 
 import torch
 
-from .base import PRECISIONS, CrossEncoder, DualEncoder, Precision
-from .errors import InvalidInputError, ModelUnavailableError
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.models.base import PRECISIONS, CrossEncoder, DualEncoder, Precision
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,12 @@ class _Family:
 
 _FAMILIES: dict[str, _Family] = {}
 # Modules that register a family when imported. A module that does not exist (yet) is skipped.
-_FAMILY_MODULES = ("models.openclip", "models.albef", "models.blip", "models.builtin")
+_FAMILY_MODULES = (
+    "alignfuse.models.openclip",
+    "alignfuse.models.albef",
+    "alignfuse.models.blip",
+    "alignfuse.models.builtin",
+)
 _loaded = False
 
 

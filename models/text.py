@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class AlbefTokenizer:
                 raise ModelUnavailableError(
                     f"tokenizer {repo!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hint}"
                 ) from exc
-        from models.hub import require_download
+        from alignfuse.models.hub import require_download
 
         require_download(f"tokenizer {repo}", "https://huggingface.co", hint=hint)
         try:

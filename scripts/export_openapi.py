@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from service.api import create_app
-from service.settings import Settings
+from alignfuse.service.api import create_app
+from alignfuse.service.settings import Settings
 
 
 def openapi_json() -> str:

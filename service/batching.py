@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from models.errors import OverloadedError, RequestTimeoutError
+from alignfuse.errors import OverloadedError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index.collection import Collection, is_collection
-from index.manifest import Manifest
-from index.sources import text_sha256
-from index.types import Item, NewItem, SearchResult
-from models.base import CrossEncoder, DualEncoder, default_fusion_for, fuse_scores
-from models.errors import (
+from alignfuse.errors import (
     AlignfuseError,
     InvalidInputError,
     ModelUnavailableError,
@@ -44,7 +39,12 @@ from models.errors import (
     RequestTimeoutError,
     UnsupportedMediaError,
 )
-from models.registry import create_cross_encoder, create_dual_encoder
+from alignfuse.index.collection import Collection, is_collection
+from alignfuse.index.manifest import Manifest
+from alignfuse.index.sources import text_sha256
+from alignfuse.index.types import Item, NewItem, SearchResult
+from alignfuse.models.base import CrossEncoder, DualEncoder, default_fusion_for, fuse_scores
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
 from .batching import BatchConfig, DeviceWorker
 from .handlers import BULK_CHUNK, CrossHandlers, DualHandlers, RerankJob, RerankOut, TokenLRU
@@ -501,7 +501,7 @@ class SearchEngine:
         self.metrics.in_flight.dec()
 
     async def search(self, req: SearchRequest) -> SearchResponse:
-        """Run one search (see :class:`~service.types.SearchRequest`). Raises domain errors only."""
+        """Run one search (see :class:`~alignfuse.service.types.SearchRequest`). Raises domain errors only."""
         self.require_ready()
         plan = self._validate(req)
         if req.fusion is None:

@@ -1,7 +1,7 @@
 """Domain errors → HTTP: the one table, and the one JSON error body.
 
 Every error response of the API has the body ``{"error": {"code", "message", "detail"}}``. Domain errors
-(``models.errors``) map to a status through ``_STATUS`` (the first matching class wins, so subclasses come
+(``alignfuse.errors``) map to a status through ``_STATUS`` (the first matching class wins, so subclasses come
 before their bases); request validation errors become 422 with the allowed ranges; anything unexpected is
 logged and becomes a 500 without a stack trace.
 """
@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import (
+from alignfuse.errors import (
     AlignfuseError,
     CheckpointError,
     ConflictError,

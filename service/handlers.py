@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import CrossEncoder, DualEncoder, ImageStates
+from alignfuse.models.base import CrossEncoder, DualEncoder, ImageStates
 
 BULK_CHUNK = 64
 

@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.errors import ImageTooLargeError, NotFoundError, PayloadTooLargeError, UnsupportedMediaError
+from alignfuse.errors import ImageTooLargeError, NotFoundError, PayloadTooLargeError, UnsupportedMediaError
 
 # Formats we accept (what PIL reports in ``img.format``), and their canonical file extension.
 FORMATS: dict[str, str] = {

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.base import Precision
+from alignfuse.models.base import Precision
 
 
 class _Section(BaseModel):

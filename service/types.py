@@ -1,4 +1,4 @@
-"""Typed values the :class:`~service.engine.SearchEngine` takes and returns (no HTTP in here)."""
+"""Typed values the :class:`~alignfuse.service.engine.SearchEngine` takes and returns (no HTTP in here)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from models.base import FUSIONS as FUSIONS
-from models.base import Fusion as Fusion
+from alignfuse.models.base import FUSIONS as FUSIONS
+from alignfuse.models.base import Fusion as Fusion
 
 Modality = Literal["image", "text"]
 
@@ -21,7 +21,7 @@ class SearchRequest:
     encoder only. ``candidates`` (C) defaults to the settings' ``default_candidates``. ``rerank``: None =
     rerank whenever a cross-encoder is loaded and the search is cross-modal; True requires it. ``fusion``:
     ``itm`` sorts by the ITM match logit, ``itm+itc`` by logit + cosine, ``itm+itc_logit`` by logit + cosine ×
-    the dual encoder's logit scale (:func:`models.base.fuse_scores`); None: the reranker's own default
+    the dual encoder's logit scale (:func:`alignfuse.models.base.fuse_scores`); None: the reranker's own default
     (``ModelInfo.default_fusion``). ``min_match`` drops reranked hits
     whose ITM match probability is below it. ``include_itc`` also returns the top-k by ITC alone.
     """

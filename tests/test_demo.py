@@ -98,9 +98,9 @@ def test_make_demo_serves_a_query(tmp_path: Path) -> None:
 def test_demo_rebuilds_a_collection_built_by_other_weights(tmp_path: Path) -> None:
     """After an upgrade of the shipped weights the old demo collection no longer matches: the demo moves it
     aside, rebuilds it, and serves the new one (a real run of the CLI, no server)."""
-    from index import BuildOptions, build_collection, open_collection, open_source
-    from index.scenes import generate_scenes
-    from models.registry import create_dual_encoder
+    from alignfuse.data.scenes import generate_scenes
+    from alignfuse.index import BuildOptions, build_collection, open_collection, open_source
+    from alignfuse.models.registry import create_dual_encoder
 
     data = tmp_path / "demo"
     scenes = data / "scenes-test-seed3-n12"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.settings import Settings
+from alignfuse.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

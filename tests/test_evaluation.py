@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from index.evaluation import (
+from alignfuse.data.scenes import SceneObject, caption_matches
+from alignfuse.errors import CorruptDataError, InvalidInputError, NotFoundError
+from alignfuse.evaluation.protocol import (
     GROUP_KEYS,
     MODE_KEYS,
     NON_CANDIDATE,
@@ -26,9 +28,7 @@ from index.evaluation import (
     recall_metrics,
     topk_indices,
 )
-from index.scenes import SceneObject, caption_matches
-from models.base import ImageStates, MatchScores, ModelInfo, Preprocess, TextStates
-from models.errors import CorruptDataError, InvalidInputError, NotFoundError
+from alignfuse.models.base import ImageStates, MatchScores, ModelInfo, Preprocess, TextStates
 
 # ------------------------------------------------------------------------------------ brute-force reference
 
@@ -351,14 +351,14 @@ class FakeCross:
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from index.scenes import generate_scenes
+    from alignfuse.data.scenes import generate_scenes
 
     return generate_scenes(tmp_path_factory.mktemp("scenes"), seed=5, count=12, split="test", size=64)
 
 
 @pytest.fixture(scope="module")
 def dual():  # type: ignore[no-untyped-def]
-    from models.registry import create_dual_encoder
+    from alignfuse.models.registry import create_dual_encoder
 
     torch.set_num_threads(1)
     return create_dual_encoder("alignfuse:random-tiny")
@@ -476,7 +476,7 @@ def test_evaluate_argument_errors(scenes: Path, dual) -> None:  # type: ignore[n
 
 
 def _run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    from service.cli import main
+    from alignfuse.service.cli import main
 
     monkeypatch.setattr(sys, "argv", ["alignfuse", *args])
     code = 0
@@ -523,9 +523,9 @@ def test_cli_missing_inputs(scenes: Path, tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.fixture(scope="module")
 def tiny_collection(scenes: Path, dual, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A collection built from the scenes JSON with alignfuse:random-tiny, reranker albef:tiny + feature cache."""
-    from index import BuildOptions, build_collection
-    from index.sources import KarpathySource
-    from models.registry import create_cross_encoder
+    from alignfuse.index import BuildOptions, build_collection
+    from alignfuse.index.sources import KarpathySource
+    from alignfuse.models.registry import create_cross_encoder
 
     cross = create_cross_encoder("albef:tiny")
     path = tmp_path_factory.mktemp("coll") / "c"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.scenes import (
+from alignfuse.data.scenes import (
     COLOURS,
     HELD_OUT_PAIRS,
     SHAPES,
@@ -27,7 +27,7 @@ from index.scenes import (
     sample_scene,
     sample_scenes,
 )
-from models.errors import InvalidInputError
+from alignfuse.errors import InvalidInputError
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -38,7 +38,7 @@ def test_shipped_models_reproduce_their_card(tmp_path: Path) -> None:
 
 
 def test_shipped_weights_load_and_fit_the_size_budget() -> None:
-    from models.registry import create_cross_encoder, create_dual_encoder
+    from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
     weights = ROOT / "models" / "weights"
     total = sum(p.stat().st_size for p in weights.glob("*.safetensors"))
@@ -59,9 +59,9 @@ FUSION = ROOT / "models" / "weights" / "scenes-albef.fusion.json"
 def test_shipped_default_fusion_is_the_measured_choice() -> None:
     """The reranker's default fusion is the one that scored better on the validation splits, measured with
     the weights that ship (docs/training/choose_fusion.py)."""
-    from models.base import FUSIONS
-    from models.builtin import scenes_albef_default_fusion
-    from models.registry import create_cross_encoder
+    from alignfuse.models.base import FUSIONS
+    from alignfuse.models.builtin import scenes_albef_default_fusion
+    from alignfuse.models.registry import create_cross_encoder
 
     rec = json.loads(FUSION.read_text())
     albef = create_cross_encoder("alignfuse:scenes-albef")

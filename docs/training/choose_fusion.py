@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python docs/training/choose_fusion.py models/weights/scenes-albef \
         runs/data2/val/scenes.json runs/data2/compval/scenes.json --write
 
-For each split: ALBEF's protocol (index.evaluation.evaluate) with the model's ITC as the dual encoder and a
-top-``k`` ITM rerank with each fusion of :data:`models.base.FUSIONS`: ``"itm"`` (ALBEF), ``"itm+itc"``
+For each split: ALBEF's protocol (alignfuse.evaluation.protocol.evaluate) with the model's ITC as the dual encoder and a
+top-``k`` ITM rerank with each fusion of :data:`alignfuse.models.base.FUSIONS`: ``"itm"`` (ALBEF), ``"itm+itc"``
 (BLIP/LAVIS) and ``"itm+itc_logit"`` (logit + cosine / ITC temperature). Prints one
 JSON line per (split, fusion). The choice is the fusion with the higher mean rerank R@1 over every split and
 both directions. Use validation data only (held-out seed 2 and compositional seed 5 in docs/training): the
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from index.evaluation import FUSIONS, evaluate
-from models.registry import create_cross_encoder, create_dual_encoder
+from alignfuse.evaluation.protocol import FUSIONS, evaluate
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
 
 def main() -> None:

@@ -19,12 +19,12 @@ import torch
 from open_clip import factory
 from safetensors.torch import load_file
 
-from models.albef.config import AlbefConfig
-from models.albef.model import AlbefModel
-from models.albef.training import inference_state_dict
-from models.text import AlbefTokenizer
-from models.trainer import AlbefArch, ClipArch, TrainOptions, evaluate
-from service.cli.train import load_pairs
+from alignfuse.models.albef.config import AlbefConfig
+from alignfuse.models.albef.model import AlbefModel
+from alignfuse.models.text import AlbefTokenizer
+from alignfuse.service.cli.train import load_pairs
+from alignfuse.training.loop import AlbefArch, ClipArch, TrainOptions, evaluate
+from alignfuse.training.objectives_albef import inference_state_dict
 
 
 def albef_arch(stem: str, checkpoint: str | None) -> AlbefArch:

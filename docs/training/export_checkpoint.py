@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.albef.config import AlbefConfig
-from models.albef.training import inference_state_dict
+from alignfuse.models.albef.config import AlbefConfig
+from alignfuse.training.objectives_albef import inference_state_dict
 
 
 def main() -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.scenes import COLOURS, SHAPES
-from models.albef.config import get_albef_config
-from models.albef.training import AlbefForTraining, AlbefTrainingOptions
-from models.text import AlbefTokenizer
-from service.cli.train import load_pairs
+from alignfuse.data.scenes import COLOURS, SHAPES
+from alignfuse.models.albef.config import get_albef_config
+from alignfuse.models.text import AlbefTokenizer
+from alignfuse.service.cli.train import load_pairs
+from alignfuse.training.objectives_albef import AlbefForTraining, AlbefTrainingOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,10 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.albef.checkpoint import LoadReport, load_albef_checkpoint
-from models.albef.config import AlbefConfig
-from models.albef.model import AlbefModel
-from models.base import (
+from alignfuse.errors import InvalidInputError
+from alignfuse.models.albef.checkpoint import LoadReport, load_albef_checkpoint
+from alignfuse.models.albef.config import AlbefConfig
+from alignfuse.models.albef.model import AlbefModel
+from alignfuse.models.base import (
+    CLIP_MEAN,
+    CLIP_STD,
     ImageStates,
     ImageTransform,
     MatchScores,
@@ -28,13 +31,9 @@ from models.base import (
     pair_count,
     torch_dtype,
 )
-from models.errors import InvalidInputError
-from models.text import AlbefTokenizer
+from alignfuse.models.text import AlbefTokenizer
 
 logger = logging.getLogger(__name__)
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def albef_preprocess(config: AlbefConfig) -> Preprocess:
@@ -114,7 +113,7 @@ def build_albef(
 ) -> AlbefBundle:
     """Build an eval-mode :class:`AlbefModel` on ``device``/``precision``: weights from ``weights_path`` (any
     format :func:`load_albef_checkpoint` accepts), or random init with ``seed`` when None (logged)."""
-    from models.hub import sha256_file, sha256_state_dict
+    from alignfuse.models.hub import sha256_file, sha256_state_dict
 
     dev = torch.device(device)
     tokenizer = AlbefTokenizer(config.vocab, max_len=config.max_text_len)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.albef.config import AlbefConfig
+from alignfuse.models.albef.config import AlbefConfig
 
 #: Additive attention bias on padding tokens (ALBEF/BERT: -10000, not -inf).
 MASK_BIAS = -10000.0

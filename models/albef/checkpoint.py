@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import CheckpointError, InvalidInputError, ModelUnavailableError
+from alignfuse.errors import CheckpointError, InvalidInputError, ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def normalise_tag(tag: str) -> str:
 
 
 def albef_cache_path(tag: str, cache_dir: str | Path | None = None) -> Path:
-    from models.hub import DEFAULT_CACHE_DIR
+    from alignfuse.models.hub import DEFAULT_CACHE_DIR
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
     return root / "albef" / ALBEF_WEIGHTS[normalise_tag(tag)]
@@ -292,7 +292,7 @@ def resolve_albef_weights(
     ``<cache_dir>/albef/`` (default ``~/.cache/alignfuse``) with a progress bar when absent; its sha256 is
     recorded beside it. Offline or unreachable: :class:`ModelUnavailableError` within ``timeout`` seconds
     (one attempt, no retries), naming the spec and how to pass a local file instead."""
-    from models.hub import sha256_file
+    from alignfuse.models.hub import sha256_file
 
     t = normalise_tag(tag)
     target = albef_cache_path(t, cache_dir)

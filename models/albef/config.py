@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from models.errors import InvalidInputError
+from alignfuse.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 

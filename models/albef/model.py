@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.albef.bert import KV, AlbefBert
-from models.albef.config import AlbefConfig
+from alignfuse.models.albef.bert import KV, AlbefBert
+from alignfuse.models.albef.config import AlbefConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Factories for ``albef:`` specs (see :mod:`models.albef`)."""
+"""Factories for ``albef:`` specs (see :mod:`alignfuse.models.albef`)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,24 @@ from pathlib import Path
 
 import torch
 
-from models.albef.adapters import AlbefCrossEncoder, AlbefDualEncoder, shared_bundle
-from models.albef.checkpoint import ALBEF_WEIGHTS, albef_cache_path, normalise_tag, resolve_albef_weights
-from models.albef.config import ALBEF_CONFIGS, AlbefConfig, get_albef_config
-from models.base import Precision
-from models.errors import ModelUnavailableError
-from models.registry import ModelEntry, ModelSpec
+from alignfuse.errors import ModelUnavailableError
+from alignfuse.models.albef.adapters import AlbefCrossEncoder, AlbefDualEncoder, shared_bundle
+from alignfuse.models.albef.checkpoint import (
+    ALBEF_WEIGHTS,
+    albef_cache_path,
+    normalise_tag,
+    resolve_albef_weights,
+)
+from alignfuse.models.albef.config import ALBEF_CONFIGS, AlbefConfig, get_albef_config
+from alignfuse.models.base import Precision
+from alignfuse.models.registry import ModelEntry, ModelSpec
 
 logger = logging.getLogger(__name__)
 
 
 def _weights_for(spec: ModelSpec) -> str | None:
     """None (random init), or a local file path for the spec's tag (downloading official tags)."""
-    from models import hub
+    from alignfuse.models import hub
 
     tag = spec.tag
     if tag is None:
@@ -62,7 +67,7 @@ def albef_cross(spec: ModelSpec, device: torch.device, precision: Precision) -> 
 
 
 def albef_known() -> list[ModelEntry]:
-    from models import hub
+    from alignfuse.models import hub
 
     out = [ModelEntry("albef:tiny", "dual+cross", "tiny random-init ALBEF (tests)", None)]
     descriptions = {

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from models.errors import UnauthorizedError, UnsupportedMediaError
+from alignfuse.errors import UnauthorizedError, UnsupportedMediaError
 
 from ..engine import SearchEngine
 from ..metrics import Metrics

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.base import Fusion as Fusion
+from alignfuse.models.base import Fusion as Fusion
 
 Modality = Literal["image", "text"]
 

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from models.errors import AlignfuseError
+from alignfuse.errors import AlignfuseError
 
 from . import collections, demo, scenes, serve, train
 from . import eval as eval_cmd

@@ -1,4 +1,4 @@
-"""``python -m service.cli`` = the ``alignfuse`` command."""
+"""``python -m alignfuse.service.cli`` = the ``alignfuse`` command."""
 
 from . import main
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.errors import (
+from alignfuse.errors import (
     AlignfuseError,
     ConflictError,
     InvalidInputError,

@@ -1,7 +1,7 @@
 """CLI commands for collections: build, add, delete, info, search, compact, models.
 
-``COLLECTION`` is a path. Domain errors raised here (taxonomy of :mod:`models.errors`) become one line on
-stderr and a non-zero exit code in :func:`service.cli.main`.
+``COLLECTION`` is a path. Domain errors raised here (taxonomy of :mod:`alignfuse.errors`) become one line on
+stderr and a non-zero exit code in :func:`alignfuse.service.cli.main`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from models.errors import InvalidInputError, NotFoundError
+from alignfuse.errors import InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:  # the index package (torch, faiss) is imported when a command runs, not at CLI start
-    from index import BuildReport, IndexOptions
+    from alignfuse.index import BuildReport, IndexOptions
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -45,7 +45,7 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
 
 
 def _check_collection(path: Path) -> None:
-    from index import is_collection
+    from alignfuse.index import is_collection
 
     if not is_collection(path):
         if not path.exists():
@@ -54,8 +54,8 @@ def _check_collection(path: Path) -> None:
 
 
 def _index_options(index_key: str | None, memory_budget_gb: float, mmap: bool = False) -> IndexOptions:
-    from index import IndexOptions
-    from index.ann import validate_index_key
+    from alignfuse.index import IndexOptions
+    from alignfuse.index.ann import validate_index_key
 
     if memory_budget_gb <= 0:
         raise InvalidInputError(f"--memory-budget-gb: must be > 0, got {memory_budget_gb}")
@@ -101,8 +101,8 @@ def _run_build(
     progress: bool,
     must_exist: bool,
 ) -> BuildReport:
-    from index import BuildOptions, build_collection, open_source
-    from models.registry import create_cross_encoder, create_dual_encoder
+    from alignfuse.index import BuildOptions, build_collection, open_source
+    from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
     _check_positive("--batch-size", batch_size)
     _check_positive("--workers", workers, 0)
@@ -202,7 +202,7 @@ def add_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Add items to an existing collection (model, index key and rerank cache taken from its manifest)."""
-    from index import Collection
+    from alignfuse.index import Collection
 
     _check_collection(collection)
     with Collection.open(collection) as c:
@@ -235,7 +235,7 @@ def delete_command(
     ids: list[int] = typer.Argument(..., help="Item ids to delete."),
 ) -> None:
     """Delete items (tombstones; dropped from disk at the next compaction)."""
-    from index import Collection
+    from alignfuse.index import Collection
 
     _check_collection(collection)
     with Collection.open(collection) as c:
@@ -248,7 +248,7 @@ def info_command(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Manifest summary, counts, versions and segments of a collection."""
-    from index import Collection
+    from alignfuse.index import Collection
 
     _check_collection(collection)
     with Collection.open(collection) as c:
@@ -319,8 +319,8 @@ def search_command(
     """Search a collection: dual encoder + FAISS, then (when a reranker is known) the cross-encoder rerank."""
     from PIL import Image, UnidentifiedImageError
 
-    from index import Collection
-    from models.registry import create_dual_encoder
+    from alignfuse.index import Collection
+    from alignfuse.models.registry import create_dual_encoder
 
     if (text is None) == (image is None):
         raise InvalidInputError("give exactly one of --text or --image")
@@ -439,8 +439,8 @@ def compact_command(
     ),
 ) -> None:
     """Merge segments, drop tombstones, re-derive FAISS indexes from the stored embeddings."""
-    from index import Collection
-    from index.ann import validate_index_key
+    from alignfuse.index import Collection
+    from alignfuse.index.ann import validate_index_key
 
     _check_collection(collection)
     with Collection.open(collection) as c:
@@ -458,7 +458,7 @@ def compact_command(
 
 def models_command() -> None:
     """Known model specs, what each is, and whether its weights are cached locally."""
-    from models.registry import list_models
+    from alignfuse.models.registry import list_models
 
     table = Table(title="models")
     for col in ("spec", "kind", "cached", "description"):

@@ -77,10 +77,10 @@ def demo(
     model: str = typer.Option(DEMO_MODEL, "--model", help="ALBEF-family spec serving both stages."),
 ) -> None:
     """Build the offline demo (synthetic scenes + shipped models) and serve it on http://HOST:PORT."""
-    from index import BuildOptions, BuildReport, build_collection, open_source
-    from index.scenes import generate_scenes
-    from models.errors import EncoderMismatchError
-    from models.registry import create_cross_encoder, create_dual_encoder
+    from alignfuse.data.scenes import generate_scenes
+    from alignfuse.errors import EncoderMismatchError
+    from alignfuse.index import BuildOptions, BuildReport, build_collection, open_source
+    from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
     from ..api import create_app
     from ..engine import SearchEngine

@@ -1,5 +1,5 @@
 """CLI command ``alignfuse eval``: ALBEF-protocol retrieval evaluation of a collection's models on a
-Karpathy-style test split (see ``docs/evaluation.md`` and :mod:`index.evaluation`)."""
+Karpathy-style test split (see ``docs/evaluation.md`` and :mod:`alignfuse.evaluation.protocol`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from index.evaluation import DEFAULT_MAX_ALL_PAIRS, FUSIONS, MODES, EvalReport, evaluate
-from models.base import PRECISIONS, default_fusion_for
-from models.errors import InvalidInputError, NotFoundError
-from models.registry import create_cross_encoder, create_dual_encoder, resolve_device
+from alignfuse.errors import InvalidInputError, NotFoundError
+from alignfuse.evaluation.protocol import DEFAULT_MAX_ALL_PAIRS, FUSIONS, MODES, EvalReport, evaluate
+from alignfuse.models.base import PRECISIONS, default_fusion_for
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def eval_command(
             f"--device: {device!r} is not a device (use cpu, cuda, cuda:N or auto)"
         ) from exc
 
-    from index.collection import Collection, is_collection
+    from alignfuse.index.collection import Collection, is_collection
 
     if not is_collection(collection):
         raise NotFoundError(f"COLLECTION: no collection at {collection}")

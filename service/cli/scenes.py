@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from index.scenes import SPLITS, generate_scenes
-from models.errors import InvalidInputError
+from alignfuse.data.scenes import SPLITS, generate_scenes
+from alignfuse.errors import InvalidInputError
 
 
 def scenes(

@@ -15,8 +15,8 @@ import torch
 import typer
 from PIL import Image
 
-from models.errors import InvalidInputError, NotFoundError
-from models.trainer import PairData
+from alignfuse.errors import InvalidInputError, NotFoundError
+from alignfuse.training.loop import PairData
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,13 @@ def load_pairs(path: Path, image_root: Path | None, image_size: int, limit: int 
 
 
 def _attach_scene_functions(data: PairData, objects: list[Any]) -> None:
-    from index.scenes import SceneObject, attribute_caption, claim_holds, parse_caption, perturb_caption
+    from alignfuse.data.scenes import (
+        SceneObject,
+        attribute_caption,
+        claim_holds,
+        parse_caption,
+        perturb_caption,
+    )
 
     scene_objs = [[SceneObject(**o) for o in objs] for objs in objects]
     # (colour, shape) pairs the training images contain; perturbed negatives never mention any other pair
@@ -116,7 +122,7 @@ def _attach_scene_functions(data: PairData, objects: list[Any]) -> None:
 
 
 def _concept_groups(tok: Any) -> tuple[tuple[int, ...], ...]:
-    from index.scenes import COLOURS, RELATIONS, SHAPES
+    from alignfuse.data.scenes import COLOURS, RELATIONS, SHAPES
 
     vocab = tok.tokenizer.vocab
     groups = []
@@ -201,7 +207,7 @@ def train(
     """Train the project's small models (ALBEF or CLIP) and export loadable weights into OUT."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from models.trainer import Trainer, TrainOptions
+    from alignfuse.training.loop import Trainer, TrainOptions
 
     if threads:
         torch.set_num_threads(threads)
@@ -296,10 +302,10 @@ def _build_albef(
     momentum: float = 0.995,
     itm_balance: bool = False,
 ):  # type: ignore[no-untyped-def]
-    from models.albef.config import get_albef_config
-    from models.albef.training import AlbefForTraining, AlbefTrainingOptions
-    from models.text import AlbefTokenizer
-    from models.trainer import AlbefArch
+    from alignfuse.models.albef.config import get_albef_config
+    from alignfuse.models.text import AlbefTokenizer
+    from alignfuse.training.loop import AlbefArch
+    from alignfuse.training.objectives_albef import AlbefForTraining, AlbefTrainingOptions
 
     cfg = get_albef_config(model_config)
     if vocab is not None:
@@ -327,7 +333,7 @@ def _build_clip(model_config: str, dev: torch.device, opts: Any):  # type: ignor
     import open_clip
     from open_clip import factory
 
-    from models.trainer import ClipArch
+    from alignfuse.training.loop import ClipArch
 
     p = Path(model_config)
     if not p.is_file():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from models.base import DualEncoder, ImageStates, MatchScores, ModelInfo, Preprocess, TextStates
+from alignfuse.models.base import DualEncoder, ImageStates, MatchScores, ModelInfo, Preprocess, TextStates
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def tiny_encoder() -> DualEncoder:
     """The real ``alignfuse:random-tiny`` open_clip model (deterministic random init, embed 64)."""
-    from models.registry import create_dual_encoder
+    from alignfuse.models.registry import create_dual_encoder
 
     torch.set_num_threads(1)
     return create_dual_encoder("alignfuse:random-tiny")

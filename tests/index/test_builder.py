@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from index import (
+from alignfuse.errors import EncoderMismatchError, InvalidInputError, NotFoundError
+from alignfuse.index import (
     BuildOptions,
     Collection,
     ImageFolderSource,
@@ -20,9 +21,8 @@ from index import (
     TextSource,
     build_collection,
 )
-from index.builder import _ItemDataset
-from index.collection import ShaLookup
-from models.errors import EncoderMismatchError, InvalidInputError, NotFoundError
+from alignfuse.index.builder import _ItemDataset
+from alignfuse.index.collection import ShaLookup
 
 from .conftest import CountingEncoder, FakeCrossEncoder, brute_force, draw_image, make_image_folder
 
@@ -197,7 +197,7 @@ def test_workers_give_the_same_collection_as_in_process(tmp_path: Path, counting
 
 
 def test_big_jpegs_are_decoded_in_draft_mode(tmp_path: Path) -> None:
-    from index.sources import SourceItem
+    from alignfuse.index.sources import SourceItem
 
     p = draw_image(tmp_path / "big.jpg", seed=1, size=(1024, 768))
     sizes: list[tuple[int, int]] = []

@@ -1,4 +1,4 @@
-"""The collection CLI commands (in-process through ``service.cli.main``): happy path and exit codes."""
+"""The collection CLI commands (in-process through ``alignfuse.service.cli.main``): happy path and exit codes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from index import Collection
-from index.collection import CollectionWriter
+from alignfuse.index import Collection
+from alignfuse.index.collection import CollectionWriter
 
 from .conftest import make_image_folder
 
@@ -16,8 +16,8 @@ from .conftest import make_image_folder
 def run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
-    from service.cli import collections as cli_collections
-    from service.cli import main
+    from alignfuse.service.cli import collections as cli_collections
+    from alignfuse.service.cli import main
 
     monkeypatch.setattr(cli_collections.console, "width", 400)
     monkeypatch.setattr(sys, "argv", ["alignfuse", *args])

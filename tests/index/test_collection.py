@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import Collection, IndexOptions, Kind, NewItem
-from index.collection import CollectionWriter
-from models.base import ModelInfo, Preprocess
-from models.errors import ConflictError, EncoderMismatchError, InvalidInputError, NotFoundError
+from alignfuse.errors import ConflictError, EncoderMismatchError, InvalidInputError, NotFoundError
+from alignfuse.index import Collection, IndexOptions, Kind, NewItem
+from alignfuse.index.collection import CollectionWriter
+from alignfuse.models.base import ModelInfo, Preprocess
 
 from .conftest import brute_force, clustered
 

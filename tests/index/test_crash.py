@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import BuildOptions, Collection, ImageFolderSource, build_collection
-from index.collection import CollectionWriter
-from models.base import DualEncoder
+from alignfuse.index import BuildOptions, Collection, ImageFolderSource, build_collection
+from alignfuse.index.collection import CollectionWriter
+from alignfuse.models.base import DualEncoder
 
 from .conftest import REPO, make_image_folder
 
@@ -28,7 +28,7 @@ def _cli(*args: str) -> list[str]:
     exe = REPO / ".venv" / "bin" / "alignfuse"
     if exe.exists():
         return [str(exe), *args]
-    return [sys.executable, "-c", "from service.cli import main; main()", *args]
+    return [sys.executable, "-c", "from alignfuse.service.cli import main; main()", *args]
 
 
 def _build_cmd(coll: Path, images: Path) -> list[str]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index._fs import NpyAppender, WriterLock, atomic_write
-from models.errors import ConflictError
+from alignfuse.errors import ConflictError
+from alignfuse.index._fs import NpyAppender, WriterLock, atomic_write
 
 
 def test_npy_appender_writes_a_loadable_memmappable_file(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_writer_lock_names_the_holder_pid_across_processes(tmp_path: Path) -> No
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from index._fs import WriterLock\n"
+        "from alignfuse.index._fs import WriterLock\n"
         "WriterLock(Path(sys.argv[1])).acquire()\n"
         "print('locked', flush=True)\n"
         "sys.stdin.readline()\n"
@@ -84,7 +84,7 @@ def test_writer_lock_names_the_holder_pid_across_processes(tmp_path: Path) -> No
 
 
 def test_a_forked_child_that_closes_the_inherited_lock_does_not_keep_it(tmp_path: Path) -> None:
-    from index._fs import close_inherited_lock
+    from alignfuse.index._fs import close_inherited_lock
 
     lock = WriterLock(tmp_path / "writer.lock").acquire()
     r, w = os.pipe()

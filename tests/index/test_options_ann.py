@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.ann import (
+from alignfuse.errors import InvalidInputError
+from alignfuse.index.ann import (
     build_index,
     effective_index_key,
     get_executor,
@@ -17,8 +18,7 @@ from index.ann import (
     search_params,
     validate_index_key,
 )
-from index.options import GiB, IndexOptions, choose_index_key
-from models.errors import InvalidInputError
+from alignfuse.index.options import GiB, IndexOptions, choose_index_key
 
 from .conftest import clustered
 

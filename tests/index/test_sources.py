@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from index.sources import (
+from alignfuse.errors import InvalidInputError, NotFoundError
+from alignfuse.index.sources import (
     CaptionFileSource,
     ImageFolderSource,
     KarpathySource,
@@ -15,7 +16,6 @@ from index.sources import (
     open_source,
     text_sha256,
 )
-from models.errors import InvalidInputError, NotFoundError
 
 from .conftest import draw_image
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from models.albef.config import AlbefConfig
-from models.albef.model import AlbefModel
+from alignfuse.models.albef.config import AlbefConfig
+from alignfuse.models.albef.model import AlbefModel
 
 DATA = Path(__file__).resolve().parent / "data" / "albef"
 MANIFESTS = {

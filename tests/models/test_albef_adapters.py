@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from models.albef.adapters import AlbefCrossEncoder, AlbefDualEncoder, build_albef
-from models.albef.config import ALBEF_CONFIGS
-from models.base import CrossEncoder, DualEncoder, ImageStates
-from models.errors import InvalidInputError, ModelUnavailableError
-from models.hub import sha256_file
-from models.registry import create_cross_encoder, create_dual_encoder, list_models
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.models.albef.adapters import AlbefCrossEncoder, AlbefDualEncoder, build_albef
+from alignfuse.models.albef.config import ALBEF_CONFIGS
+from alignfuse.models.base import CrossEncoder, DualEncoder, ImageStates
+from alignfuse.models.hub import sha256_file
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder, list_models
 
 TEXTS = ["a red circle left of a blue star", "two small green squares", "a large yellow cross"]
 

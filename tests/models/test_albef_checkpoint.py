@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.albef.checkpoint import (
+from alignfuse.errors import CheckpointError, ModelUnavailableError
+from alignfuse.models.albef.checkpoint import (
     convert_state_dict,
     extract_state_dict,
     interpolate_pos_embed,
@@ -21,9 +22,8 @@ from models.albef.checkpoint import (
     load_albef_checkpoint,
     resolve_albef_weights,
 )
-from models.albef.config import ALBEF_CONFIGS
-from models.albef.model import AlbefModel
-from models.errors import CheckpointError, ModelUnavailableError
+from alignfuse.models.albef.config import ALBEF_CONFIGS
+from alignfuse.models.albef.model import AlbefModel
 from tests.models.albef_helpers import build_from_manifest, format_shapes, load_manifest
 
 TINY = ALBEF_CONFIGS["tiny"]

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.albef.bert import BertMLMHead, attention_bias
-from models.albef.config import ALBEF_CONFIGS, AlbefConfig
-from models.albef.model import AlbefModel
+from alignfuse.models.albef.bert import BertMLMHead, attention_bias
+from alignfuse.models.albef.config import ALBEF_CONFIGS, AlbefConfig
+from alignfuse.models.albef.model import AlbefModel
 from tests.models.albef_helpers import load_manifest
 
 transformers = pytest.importorskip("transformers")
@@ -272,7 +272,7 @@ def test_config_json_roundtrip_and_albef_keys(tmp_path) -> None:  # type: ignore
         ' "vocab_size": 30522, "fusion_layer": 6, "encoder_width": 768}'
     )
     assert AlbefConfig.from_json(bert) == ALBEF_CONFIGS["base"]
-    from models.errors import InvalidInputError
+    from alignfuse.errors import InvalidInputError
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"hidden_sise": 3}')
@@ -312,7 +312,7 @@ def test_folded_cross_attention_equals_kv_projection(small: AlbefModel, n_text: 
 
 
 def test_itm_with_folded_path_forced(small: AlbefModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    from models.albef.bert import BertSelfAttention
+    from alignfuse.models.albef.bert import BertSelfAttention
 
     ids, mask = _ids_mask(1, SMALL.max_text_len, seed=10)
     pixels = torch.randn(5, 3, SMALL.image_res, SMALL.image_res, dtype=torch.float64)
@@ -328,7 +328,7 @@ def test_itm_with_folded_path_forced(small: AlbefModel, monkeypatch: pytest.Monk
 
 
 def test_config_vocab_path_is_relative_to_the_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from models.albef.config import get_albef_config
+    from alignfuse.models.albef.config import get_albef_config
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\n")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from models.albef.config import ALBEF_CONFIGS, TINY_VOCAB_SIZE
-from models.errors import InvalidInputError, ModelUnavailableError
-from models.text import BUILTIN_VOCABS, AlbefTokenizer, pre_caption
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.models.albef.config import ALBEF_CONFIGS, TINY_VOCAB_SIZE
+from alignfuse.models.text import BUILTIN_VOCABS, AlbefTokenizer, pre_caption
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.base import CrossEncoder, DualEncoder
-from models.blip import BlipCrossEncoder, BlipDualEncoder
-from models.errors import InvalidInputError, ModelUnavailableError
-from models.registry import create_cross_encoder, create_dual_encoder
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.models.base import CrossEncoder, DualEncoder
+from alignfuse.models.blip import BlipCrossEncoder, BlipDualEncoder
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
 transformers = pytest.importorskip("transformers")
 

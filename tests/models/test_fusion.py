@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.base import FUSIONS, fuse_scores
-from models.errors import InvalidInputError
-from models.registry import create_dual_encoder
+from alignfuse.errors import InvalidInputError
+from alignfuse.models.base import FUSIONS, fuse_scores
+from alignfuse.models.registry import create_dual_encoder
 
 
 def test_fusions_combine_logit_and_cosine_as_documented() -> None:
@@ -48,7 +48,7 @@ def test_dual_encoders_report_their_learned_logit_scale() -> None:
 
 
 def test_default_fusion_falls_back_where_the_dual_encoder_has_no_logit_scale() -> None:
-    from models.base import default_fusion_for
+    from alignfuse.models.base import default_fusion_for
 
     assert default_fusion_for("itm+itc_logit", 14.3) == "itm+itc_logit"
     assert default_fusion_for("itm+itc_logit", None) == "itm+itc"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.base import DualEncoder
-from models.errors import InvalidInputError, ModelUnavailableError
-from models.registry import create_cross_encoder, create_dual_encoder, list_models, parse_spec
+from alignfuse.errors import InvalidInputError, ModelUnavailableError
+from alignfuse.models.base import DualEncoder
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder, list_models, parse_spec
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_local_weights_file_roundtrip(tmp_path) -> None:
     import open_clip
     from safetensors.torch import save_file
 
-    from models.builtin import RANDOM_TINY_CONFIG, _register_open_clip_config
+    from alignfuse.models.builtin import RANDOM_TINY_CONFIG, _register_open_clip_config
 
     _register_open_clip_config("alignfuse-random-tiny", RANDOM_TINY_CONFIG)
     torch.manual_seed(123)
@@ -114,7 +114,7 @@ def test_local_weights_file_roundtrip(tmp_path) -> None:
 
 
 def test_host_probe_closed_port() -> None:
-    from models.hub import host_reachable
+    from alignfuse.models.hub import host_reachable
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.albef.config import ALBEF_CONFIGS, AlbefConfig
-from models.albef.training import AlbefBatch, AlbefForTraining, AlbefTrainingOptions, inference_state_dict
-from models.trainer import AlbefArch, PairData, Trainer, TrainOptions, evaluate
+from alignfuse.models.albef.config import ALBEF_CONFIGS, AlbefConfig
+from alignfuse.training.loop import AlbefArch, PairData, Trainer, TrainOptions, evaluate
+from alignfuse.training.objectives_albef import (
+    AlbefBatch,
+    AlbefForTraining,
+    AlbefTrainingOptions,
+    inference_state_dict,
+)
 
 SHARED = Path("/work/shared/albef")
 if not SHARED.is_dir():  # the key lists also live beside the repo in some checkouts
@@ -135,7 +140,7 @@ def vocab(tmp_path: Path) -> Path:
 
 
 def _arch(vocab: Path, opts: TrainOptions, mlm: bool = True) -> AlbefArch:
-    from models.text import AlbefTokenizer
+    from alignfuse.models.text import AlbefTokenizer
 
     torch.manual_seed(opts.seed)
     cfg = _tiny_config(vocab)
@@ -258,7 +263,7 @@ def test_resume_is_bitwise_identical(vocab: Path, tmp_path: Path) -> None:
 def test_exported_weights_load_in_the_inference_model(vocab: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from models.albef.model import AlbefModel
+    from alignfuse.models.albef.model import AlbefModel
 
     arch = _arch(vocab, TrainOptions(batch_size=4))
     paths = arch.save_weights(tmp_path, "toy")
@@ -273,7 +278,7 @@ def test_exported_weights_load_in_the_inference_model(vocab: Path, tmp_path: Pat
 def test_cli_trains_albef_and_clip_on_scenes(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from alignfuse.service.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["scenes", str(tmp_path / "s"), "--seed", "0", "--count", "12", "--size", "64"])

@@ -21,13 +21,13 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from index import BuildOptions, KarpathySource, build_collection
-from index.scenes import generate_scenes
-from models.base import CrossEncoder, DualEncoder
-from models.registry import create_cross_encoder, create_dual_encoder
-from service.api import create_app
-from service.engine import SearchEngine
-from service.settings import Settings
+from alignfuse.data.scenes import generate_scenes
+from alignfuse.index import BuildOptions, KarpathySource, build_collection
+from alignfuse.models.base import CrossEncoder, DualEncoder
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
+from alignfuse.service.api import create_app
+from alignfuse.service.engine import SearchEngine
+from alignfuse.service.settings import Settings
 
 DUAL_SPEC = "alignfuse:random-tiny"
 CROSS_SPEC = "albef:tiny"

@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api import create_app
-from service.engine import SearchEngine
+from alignfuse.service.api import create_app
+from alignfuse.service.engine import SearchEngine
 
 from .conftest import World, async_client, make_engine, make_settings, png_bytes, wait_ready
 

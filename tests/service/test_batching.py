@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from models.errors import OverloadedError, RequestTimeoutError
-from service.batching import BatchConfig, BatchEvent, DeviceWorker
+from alignfuse.errors import OverloadedError, RequestTimeoutError
+from alignfuse.service.batching import BatchConfig, BatchEvent, DeviceWorker
 
 
 class Recorder:

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from index import BuildOptions, build_collection, open_source
-from index.scenes import generate_scenes
-from models.registry import create_cross_encoder, create_dual_encoder
-from service.engine import SearchEngine
-from service.settings import ModelSettings, Settings
-from service.types import SearchRequest
+from alignfuse.data.scenes import generate_scenes
+from alignfuse.index import BuildOptions, build_collection, open_source
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
+from alignfuse.service.engine import SearchEngine
+from alignfuse.service.settings import ModelSettings, Settings
+from alignfuse.service.types import SearchRequest
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    from service.cli import collections as cli_collections
-    from service.cli import main
+    from alignfuse.service.cli import collections as cli_collections
+    from alignfuse.service.cli import main
 
     monkeypatch.setattr(cli_collections.console, "width", 400)
     monkeypatch.setattr(sys, "argv", ["alignfuse", *args])

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import Collection, NewItem
-from models.errors import EncoderMismatchError, InvalidInputError, NotFoundError, NotReadyError
-from service.engine import SearchEngine
-from service.types import ImageUpload, SearchRequest, TextUpload
+from alignfuse.errors import EncoderMismatchError, InvalidInputError, NotFoundError, NotReadyError
+from alignfuse.index import Collection, NewItem
+from alignfuse.service.engine import SearchEngine
+from alignfuse.service.types import ImageUpload, SearchRequest, TextUpload
 
 from .conftest import World, make_engine, make_settings, png_bytes
 

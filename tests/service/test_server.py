@@ -27,7 +27,7 @@ def _start(root: Path) -> tuple[subprocess.Popen[str], list[str], threading.Thre
     cmd = [
         sys.executable,
         "-c",
-        "from service.cli import main; main()",
+        "from alignfuse.service.cli import main; main()",
         "serve",
         "--host",
         "127.0.0.1",
@@ -104,7 +104,7 @@ def test_real_uvicorn_process(world: World, root: Path) -> None:
 def test_serve_help() -> None:
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from alignfuse.service.cli import app
 
     out = CliRunner().invoke(app, ["serve", "--help"])
     assert out.exit_code == 0, out.output
@@ -115,8 +115,8 @@ def test_serve_help() -> None:
 def test_serve_without_any_model_fails_fast(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from models.errors import InvalidInputError
-    from service.cli import app
+    from alignfuse.errors import InvalidInputError
+    from alignfuse.service.cli import app
 
     out = CliRunner().invoke(app, ["serve", "--collections", str(tmp_path), "--port", "0"])
     assert isinstance(out.exception, InvalidInputError)

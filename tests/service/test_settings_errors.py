@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from models import errors as E
-from service.errors import error_body, status_for
-from service.settings import Settings
+from alignfuse import errors as E
+from alignfuse.service.errors import error_body, status_for
+from alignfuse.service.settings import Settings
 
 
 def test_env_prefix_and_nested_delimiter(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

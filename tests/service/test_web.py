@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from service.api import create_app
+from alignfuse.service.api import create_app
 
 from .conftest import World, make_engine, make_settings
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import InvalidInputError, UnsupportedMediaError
+from alignfuse.errors import InvalidInputError, UnsupportedMediaError
 
 from ...types import ImageUpload, TextUpload
 from ..deps import EngineDep, ReadAuth, SettingsDep, WriteAuth
@@ -85,7 +85,7 @@ _ADD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            # TextsBody (and TextIn) are added to the components by ``service.api.app``
+            # TextsBody (and TextIn) are added to the components by ``alignfuse.service.api.app``
             "application/json": {"schema": {"$ref": "#/components/schemas/TextsBody"}},
             "multipart/form-data": {
                 "schema": {

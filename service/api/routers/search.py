@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from models.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+from alignfuse.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 
 from ...images import IMAGE_CONTENT_TYPES
 from ...types import SearchRequest, SearchResponse

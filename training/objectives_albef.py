@@ -2,7 +2,7 @@
 hard negatives sampled from the ITC similarities (plus optional caption-perturbation negatives); MLM on the
 fused text (15%, 80/10/10, ALBEF's second forward pass on the masked caption).
 
-:class:`AlbefForTraining` is :class:`~models.albef.model.AlbefModel` plus ALBEF's momentum copies and queues,
+:class:`AlbefForTraining` is :class:`~alignfuse.models.albef.model.AlbefModel` plus ALBEF's momentum copies and queues,
 with ALBEF's parameter names, so ``state_dict()`` *is* an official checkpoint layout:
 
 - without MLM: the retrieval model (``albef_retrieval_keys.json``: ``visual_encoder_m``, ``vision_proj_m``,
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.albef.bert import KV, AlbefBert, BertMLMHead
-from models.albef.config import AlbefConfig
-from models.albef.model import AlbefModel, build_visual_encoder
-from models.errors import InvalidInputError
+from alignfuse.errors import InvalidInputError
+from alignfuse.models.albef.bert import KV, AlbefBert, BertMLMHead
+from alignfuse.models.albef.config import AlbefConfig
+from alignfuse.models.albef.model import AlbefModel, build_visual_encoder
 
 log = logging.getLogger(__name__)
 

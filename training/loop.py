@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import CheckpointError, InvalidInputError
+from alignfuse.errors import CheckpointError, InvalidInputError
+from alignfuse.models.base import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Arch = Literal["albef", "clip"]
 
@@ -210,7 +209,7 @@ class _Arch:
 
 class AlbefArch(_Arch):
     def __init__(self, model: nn.Module, tokenizer: Any, opts: TrainOptions, device: torch.device) -> None:
-        from models.albef.model import AlbefModel
+        from alignfuse.models.albef.model import AlbefModel
 
         assert isinstance(model, AlbefModel)
         self.model = model
@@ -224,7 +223,7 @@ class AlbefArch(_Arch):
         return ids[:, :t].contiguous(), mask[:, :t].contiguous()
 
     def step_loss(self, data: PairData, images: list[int], step: int, epoch_frac: float) -> dict[str, Any]:
-        from models.albef.training import AlbefBatch
+        from alignfuse.training.objectives_albef import AlbefBatch
 
         rng = _step_rng(self.opts.seed, step)
         caps = [data.captions_of[i][int(rng.integers(0, len(data.captions_of[i])))] for i in images]
@@ -316,7 +315,7 @@ class AlbefArch(_Arch):
     def save_weights(self, out_dir: Path, name: str) -> list[Path]:
         from safetensors.torch import save_file
 
-        from models.albef.training import inference_state_dict
+        from alignfuse.training.objectives_albef import inference_state_dict
 
         sd = {
             k: v.detach().float().contiguous().cpu()

@@ -1,6 +1,6 @@
 """The one error taxonomy of alignfuse.
 
-Every layer raises these; ``service.errors`` maps them to HTTP status codes in one table and the CLI maps
+Every layer raises these; ``alignfuse.service.errors`` maps them to HTTP status codes in one table and the CLI maps
 them to exit codes and one-line messages. ``models`` is the lowest layer, so the taxonomy lives here.
 """
 

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from models.errors import InvalidInputError
+from alignfuse.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 

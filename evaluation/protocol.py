@@ -46,7 +46,7 @@ scenes), for each text: is its own image ranked first among the images of its gr
 image: is the best-ranked caption among the group's captions one of its own (``i2t``). Groups with one image
 are skipped. Chance = mean of 1/|group| (t2i) and of own captions / group captions (i2t). When every entry
 also lists its drawn ``objects`` (the scenes do), a pick is judged by whether the caption is *true* of the
-picked image (``index.scenes.caption_matches``): t2i = does the best group image make the caption true, i2t =
+picked image (``alignfuse.data.scenes.caption_matches``): t2i = does the best group image make the caption true, i2t =
 is the best group caption true of the image; choices where every option is true are skipped and chance is the
 true fraction of the options.
 """
@@ -66,17 +66,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from models.base import FUSIONS, CrossEncoder, DualEncoder, ImageStates, TextStates, fuse_scores
-from models.errors import (
+from alignfuse.errors import (
     CorruptDataError,
     EncoderMismatchError,
     InvalidInputError,
     NotFoundError,
     UnsupportedMediaError,
 )
+from alignfuse.models.base import FUSIONS, CrossEncoder, DualEncoder, ImageStates, TextStates, fuse_scores
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from alignfuse.index.collection import Collection
 
 log = logging.getLogger(__name__)
 
@@ -342,14 +342,14 @@ class EvalData:
     img2txt: tuple[tuple[int, ...], ...]
     groups: tuple[int | None, ...] | None = None
     #: per image, the drawn objects (the built-in scenes' JSON has them): group accuracy then judges a pick
-    #: by whether the caption is true of the picked image (``index.scenes.caption_matches``)
+    #: by whether the caption is true of the picked image (``alignfuse.data.scenes.caption_matches``)
     objects: tuple[tuple[dict[str, Any], ...], ...] | None = None
 
     def truth(self) -> Callable[[int, int], bool] | None:
         """``truth(t, i)``: text t is true of image i, from the drawn objects (None without them)."""
         if self.objects is None:
             return None
-        from .scenes import SceneObject, caption_matches
+        from alignfuse.data.scenes import SceneObject, caption_matches
 
         objs = [[SceneObject(**o) for o in per] for per in self.objects]
         cache: dict[tuple[int, int], bool] = {}
@@ -782,7 +782,7 @@ def _check_args(modes: Sequence[str], k_test: int, batch_size: int, fusion: str)
 def _open(collection: Collection | str | Path | None) -> Collection | None:
     if collection is None or not isinstance(collection, str | Path):
         return collection
-    from .collection import Collection
+    from alignfuse.index.collection import Collection
 
     return Collection.open(collection)
 
@@ -804,7 +804,7 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate retrieval on a Karpathy-style split with ALBEF's protocol (see the module docstring).
 
-    ``collection``: a :class:`~index.collection.Collection`, its path, or None. When the collection holds the
+    ``collection``: a :class:`~alignfuse.index.collection.Collection`, its path, or None. When the collection holds the
     split's images (matched by uri or file sha256) and captions (by text) embedded with ``dual_encoder``, the
     stored embeddings are used instead of re-encoding; its rerank feature cache is used for the cross-encoder's
     image states when it was computed by ``cross_encoder`` and covers every image."""
