@@ -21,10 +21,12 @@ sysdeps:
 	bash scripts/install-browser.sh
 	bash scripts/install-tools.sh
 
-# Lint and type-check, then the whole offline test suite (browser, crash and demo tests included).
+# Lint, the import contract (pyproject [tool.importlinter]), type-check, then the whole offline test suite
+# (browser, crash and demo tests included).
 test: install sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
@@ -34,6 +36,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 typecheck: install
