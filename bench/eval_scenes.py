@@ -2,7 +2,7 @@
 
 For each split (held-out test, seed 3; compositional, seed 4: the seeds of the shipped models' model cards):
 generate 1,000 scenes if absent, build a collection with the shipped ALBEF (ITC = dual encoder, rerank cache of
-its image tokens), then run ALBEF's protocol (alignfuse.evaluation.protocol.evaluate):
+its image tokens), then run ALBEF's protocol (alignfuse.evaluation.evaluate):
   * dual + rerank (top-k_test) on the whole split;
   * dual + rerank + all_pairs on the first ``--all-pairs-limit`` images (default 1000 = the whole split:
     5M cross-encoder forwards, ~16 min per split at 1 thread on this CPU).
@@ -24,6 +24,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -31,11 +32,23 @@ SEEDS = {"test": 3, "compositional": 4}
 MODEL = "alignfuse:scenes-albef"
 
 
+def project_relative(obj: Any) -> Any:
+    """``obj`` with every path string under the project root made relative to it (committed results must not
+    record the machine that made them)."""
+    if isinstance(obj, dict):
+        return {k: project_relative(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [project_relative(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith(f"{ROOT}{os.sep}"):
+        return os.path.relpath(obj, ROOT)
+    return obj
+
+
 def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, threads: int) -> dict:
     import torch
 
-    from alignfuse.data.scenes import generate_scenes
-    from alignfuse.evaluation.protocol import evaluate
+    from alignfuse.data.scenes import caption_matches, generate_scenes
+    from alignfuse.evaluation import evaluate
     from alignfuse.index import BuildOptions, build_collection, open_source
     from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
@@ -68,6 +81,7 @@ def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, th
         k_test=k_test,
         batch_size=256,
         fusion=fusion,
+        truth=caption_matches,
     )
     sub = evaluate(
         coll,
@@ -81,6 +95,7 @@ def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, th
         fusion=fusion,
         limit=ap_limit,
         max_all_pairs=ap_limit * ap_limit * 5,
+        truth=caption_matches,
     )
     return {
         "split": split,
@@ -163,7 +178,9 @@ def main() -> None:
         return
     if args.split is None:
         ap.error("--split or --report is required")
-    res = run_split(args.split, args.data, args.count, args.k_test, args.all_pairs_limit, args.threads)
+    res = project_relative(
+        run_split(args.split, args.data, args.count, args.k_test, args.all_pairs_limit, args.threads)
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"eval_scenes_{args.split}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
@@ -178,8 +195,8 @@ CARD_FILE = ROOT / "models" / "weights" / "card_metrics.json"
 
 def card_metrics(data: Path) -> dict:
     """Metrics of the shipped models on the first 100 held-out test scenes (dual, and ALBEF rerank)."""
-    from alignfuse.data.scenes import generate_scenes
-    from alignfuse.evaluation.protocol import evaluate
+    from alignfuse.data.scenes import caption_matches, generate_scenes
+    from alignfuse.evaluation import evaluate
     from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
     sub = CARD_SUBSET
@@ -200,6 +217,7 @@ def card_metrics(data: Path) -> dict:
             modes=("dual", "rerank"),
             k_test=sub["k_test"],
             fusion=cross.info.default_fusion,
+            truth=caption_matches,
         )
         out[spec] = {"model_id": dual.info.id, **{m: rep.to_json()[m] for m in ("dual", "rerank")}}
     return out

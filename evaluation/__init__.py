@@ -1,8 +1,63 @@
 """The retrieval evaluation protocol (ALBEF's: TR/IR R@K, dual / rerank / all-pairs modes, group accuracy).
 
-May import ``index`` (stored embeddings), ``data`` (dataset readers) and ``models``; never ``service``.
+Modules: :mod:`.metrics` (ranks, recall, top-k, group accuracy; numpy only), :mod:`.data` (the split, read by
+:func:`alignfuse.data.karpathy.read_karpathy`, and the truth function type), :mod:`.scoring` (dual embeddings,
+stored embeddings, the pair scorer), :mod:`.protocol` (the modes, :func:`evaluate`, the report).
+
+May import ``index`` (stored embeddings), ``data`` (dataset readers) and ``models``; never ``service``. It knows
+no dataset's semantics: the caller passes a truth function (the scenes' ``caption_matches``) when it has one.
 """
 
-from alignfuse.evaluation.protocol import GroupAccuracy, group_accuracy
+from alignfuse.evaluation.data import EvalData, TruthFn, load_eval_data
+from alignfuse.evaluation.metrics import (
+    RECALL_KEYS,
+    GroupAccuracy,
+    PairTruth,
+    Recall,
+    group_accuracy,
+    ranking,
+    ranks_i2t,
+    ranks_of,
+    ranks_t2i,
+    recall_metrics,
+    topk_indices,
+)
+from alignfuse.evaluation.protocol import (
+    DEFAULT_MAX_ALL_PAIRS,
+    GROUP_KEYS,
+    MODE_KEYS,
+    MODES,
+    NON_CANDIDATE,
+    EvalMeta,
+    EvalReport,
+    Mode,
+    ModeResult,
+    evaluate,
+)
 
-__all__ = ["GroupAccuracy", "group_accuracy"]
+__all__ = [
+    "DEFAULT_MAX_ALL_PAIRS",
+    "GROUP_KEYS",
+    "MODES",
+    "MODE_KEYS",
+    "NON_CANDIDATE",
+    "RECALL_KEYS",
+    "EvalData",
+    "EvalMeta",
+    "EvalReport",
+    "GroupAccuracy",
+    "Mode",
+    "ModeResult",
+    "PairTruth",
+    "Recall",
+    "TruthFn",
+    "evaluate",
+    "group_accuracy",
+    "load_eval_data",
+    "ranking",
+    "ranks_i2t",
+    "ranks_of",
+    "ranks_t2i",
+    "recall_metrics",
+    "topk_indices",
+]

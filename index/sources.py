@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from alignfuse.errors import InvalidInputError, NotFoundError
+from alignfuse.data.karpathy import iter_karpathy
+from alignfuse.errors import CorruptDataError, InvalidInputError, NotFoundError
 
 from .types import Kind
 
@@ -240,27 +241,28 @@ class CaptionFileSource(_GroupingSource):
 
 
 class KarpathySource(_GroupingSource):
-    """The Karpathy-split JSON used by ALBEF/BLIP for COCO and Flickr30K:
-    ``[{"image": "relative/path.jpg", "caption": ["...", ...] or "...", ...}, ...]``; image paths resolve
+    """The Karpathy-split JSON used by ALBEF/BLIP for COCO and Flickr30K, read by
+    :func:`alignfuse.data.karpathy.iter_karpathy`: ``[{"image": "relative/path.jpg", "caption": ["...", ...] or
+    "...", ...}, ...]`` (or Karpathy's original ``dataset_*.json``, its ``split`` images); image paths resolve
     against ``image_root`` (default: the JSON file's folder). Extra keys (e.g. ``image_id``) → metadata."""
 
-    def __init__(self, path: str | Path, *, image_root: str | Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, image_root: str | Path | None = None, split: str = "test"
+    ) -> None:
         super().__init__(path, image_root, "--karpathy")
+        self.split = split
         self.name = f"karpathy:{self.path}"
 
     def _records(self) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        def report(where: str, what: str) -> None:
+            self._problems.append((where, what))
+
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"--karpathy: {self.path} is not valid JSON: {exc.msg}") from exc
-        if not isinstance(data, list):
-            raise InvalidInputError(f"--karpathy: {self.path} must hold a JSON list of records")
-        for n, rec in enumerate(data):
-            where = f"{self.path}[{n}]"
-            if not isinstance(rec, dict):
-                self._problems.append((where, "not a JSON object"))
-                continue
-            yield where, rec
+            # records are not merged here: _groups merges by resolved path and drops repeated captions
+            for where, rec in iter_karpathy(self.path, split=self.split, on_problem=report):
+                yield where, {**rec.extra, "image": rec.image, "caption": list(rec.captions)}
+        except CorruptDataError as exc:  # the whole file (not JSON, neither layout): a usage error here
+            raise InvalidInputError(f"--karpathy: {exc.message}") from exc
 
 
 class TextSource:

@@ -44,23 +44,36 @@ def default_fusion_for(reranker_default: str, itc_logit_scale: float | None) -> 
     return fusion
 
 
+def check_fusion(fusion: str, itc_logit_scale: float | None) -> Fusion:
+    """``fusion`` when it is one of :data:`FUSIONS` that the dual encoder supports (``itm+itc_logit`` needs its
+    learned logit scale), else InvalidInputError with the allowed values as detail. The one fusion check."""
+    if fusion not in FUSIONS:
+        raise InvalidInputError(
+            f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}",
+            detail={"field": "fusion", "allowed": list(FUSIONS)},
+        )
+    if fusion == "itm+itc_logit" and (itc_logit_scale is None or not itc_logit_scale > 0):
+        raise InvalidInputError(
+            "fusion itm+itc_logit needs a dual encoder with a learned logit scale (temperature); the dual "
+            "encoder has none",
+            detail={"field": "fusion", "allowed": [f for f in FUSIONS if f != "itm+itc_logit"]},
+        )
+    return fusion  # type: ignore[return-value]
+
+
 def fuse_scores(
     itm_logit: np.ndarray, itc_cosine: np.ndarray, fusion: str, itc_logit_scale: float | None = None
 ) -> np.ndarray:
-    """The sort key of reranked candidates under ``fusion`` (see :data:`FUSIONS`), float32."""
+    """The sort key of reranked candidates under ``fusion`` (see :data:`FUSIONS`, :func:`check_fusion`), float32."""
+    check_fusion(fusion, itc_logit_scale)
     logit = np.asarray(itm_logit, dtype=np.float32)
     if fusion == "itm":
         return logit
     cos = np.asarray(itc_cosine, dtype=np.float32)
     if fusion == "itm+itc":
         return logit + cos
-    if fusion == "itm+itc_logit":
-        if itc_logit_scale is None or not itc_logit_scale > 0:
-            raise InvalidInputError(
-                "fusion itm+itc_logit needs a dual encoder with a learned logit scale (temperature)"
-            )
-        return logit + cos * np.float32(itc_logit_scale)
-    raise InvalidInputError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    assert itc_logit_scale is not None  # itm+itc_logit (check_fusion)
+    return logit + cos * np.float32(itc_logit_scale)
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:

@@ -130,7 +130,14 @@ def known_families() -> list[str]:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    """The one device parser: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when available, else
+    CPU). InvalidInputError for anything else, or for CUDA on a machine without it."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # torch rejects the string itself
+        raise InvalidInputError(f"{str(device)!r} is not a device; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device {str(device)!r} requested but CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda", "mps"):

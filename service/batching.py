@@ -1,9 +1,10 @@
 """Micro-batching across concurrent requests: one device worker thread per model.
 
-A :class:`DeviceWorker` owns one model. Requests submit *tasks* of a named kind (``"encode_text"``,
-``"rerank"``, ...) to its bounded queue; the worker thread takes the oldest task, gathers more tasks of the
-same kind until the batch is full (``max_batch`` tasks or ``max_cost`` units, e.g. rerank pairs) or the oldest
-task has waited ``max_wait``, runs the kind's handler once over the whole batch, and resolves each task's
+A :class:`DeviceWorker` owns one model. Requests submit *tasks* of a named kind to its bounded queue (the
+engine's kinds: ``"texts"`` and ``"images"`` on the dual-encoder worker, ``"rerank"`` and ``"tokens"`` on the
+cross-encoder worker; see :mod:`alignfuse.service.engine.kernels`); the worker thread takes the oldest task,
+gathers more tasks of the same kind until the batch is full (``max_batch`` tasks or ``max_cost`` units, e.g.
+rerank pairs) or the oldest task has waited ``max_wait``, runs the kind's handler once over the whole batch, and resolves each task's
 future. A full queue fails fast with :class:`OverloadedError` (never an unbounded backlog); a caller that
 stops waiting (timeout) cancels its task, and a cancelled task is skipped.
 

@@ -42,8 +42,11 @@ class ModelSettings(_Section):
 class BatchingSettings(_Section):
     """Micro-batching of query encoding and rerank pairs across concurrent requests.
 
-    ``max_batch`` = 1 turns batching off (per-request execution). ``max_pairs`` bounds the pairs of one
-    cross-encoder forward (a request's candidates are never split across forwards unless they exceed it).
+    ``max_batch`` = 1 turns batching off (per-request execution). ``max_pairs`` bounds the rerank pairs of the
+    requests gathered into one cross-encoder batch (a request with more pairs than that runs in a batch of its
+    own) and the pairs of each ITM forward within a batch (such a request's pairs are scored in forwards of
+    at most ``max_pairs``). It does not bound the text or vision tower passes, which run over every text and
+    uncached image of the batch (the vision pass in chunks of 64 images).
     """
 
     max_batch: int = Field(default=32, ge=1, le=4096)

@@ -1,17 +1,26 @@
-"""Typed values the :class:`~alignfuse.service.engine.SearchEngine` takes and returns (no HTTP in here)."""
+"""Typed values the :class:`~alignfuse.service.engine.SearchEngine` takes and returns (no HTTP in here).
+
+Each field is declared once, here. What the engine *takes* (:class:`SearchRequest`, :class:`ImageUpload`,
+:class:`TextUpload`) are frozen dataclasses: the engine checks them itself against the configured limits.
+What it *returns* are frozen pydantic models that carry the field descriptions of the REST API; the API's
+response schemas (:mod:`alignfuse.service.api.schemas`) subclass them only to give the OpenAPI components
+their published names.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignfuse.index.types import Modality as Modality
 from alignfuse.models.base import FUSIONS as FUSIONS
 from alignfuse.models.base import Fusion as Fusion
 
-Modality = Literal["image", "text"]
 
-
+# -- what the engine takes ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SearchRequest:
     """One query against one collection.
@@ -24,6 +33,9 @@ class SearchRequest:
     the dual encoder's logit scale (:func:`alignfuse.models.base.fuse_scores`); None: the reranker's own default
     (``ModelInfo.default_fusion``). ``min_match`` drops reranked hits
     whose ITM match probability is below it. ``include_itc`` also returns the top-k by ITC alone.
+
+    The API's :class:`~alignfuse.service.api.schemas.SearchBody` has the same fields (``image`` as base64
+    there); the router builds this from its ``model_dump()``.
     """
 
     collection: str
@@ -39,49 +51,6 @@ class SearchRequest:
 
 
 @dataclass(frozen=True)
-class SearchHit:
-    """A result. Ranks are 1-based: ``rank_itc`` by ITC cosine among the candidates, ``rank`` final."""
-
-    id: int
-    kind: Modality
-    uri: str
-    caption: str | None
-    metadata: Mapping[str, Any]
-    itc: float
-    itm_prob: float | None
-    itm_logit: float | None
-    score: float
-    rank_itc: int
-    rank: int
-    rerank_failed: bool = False
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Milliseconds per stage."""
-
-    encode: float
-    ann: float
-    rerank: float
-    total: float
-
-
-@dataclass(frozen=True)
-class SearchResponse:
-    collection: str
-    version: int
-    query: Modality
-    target: Modality
-    reranked: bool
-    fusion: Fusion
-    hits: list[SearchHit]
-    timings: Timings
-    pairs_scored: int
-    candidates: int
-    itc_hits: list[SearchHit] | None = None
-
-
-@dataclass(frozen=True)
 class ImageUpload:
     """An image to add: encoded bytes plus optional caption and user metadata."""
 
@@ -93,12 +62,58 @@ class ImageUpload:
 
 @dataclass(frozen=True)
 class TextUpload:
+    """A text to add (the API's ``TextIn`` has the same fields)."""
+
     text: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class AddResult:
+# -- what the engine returns -----------------------------------------------------------------------------
+class _Result(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class SearchHit(_Result):
+    """A result. Ranks are 1-based: ``rank_itc`` by ITC cosine among the candidates, ``rank`` final."""
+
+    id: int
+    kind: Modality
+    uri: str
+    caption: str | None
+    metadata: dict[str, Any]
+    itc: float = Field(description="Dual-encoder cosine similarity.")
+    itm_prob: float | None = Field(description="Cross-encoder match probability (None when not reranked).")
+    itm_logit: float | None = Field(description="Cross-encoder logit of the match class.")
+    score: float = Field(description="The score the hits are sorted by.")
+    rank_itc: int = Field(description="1-based rank by ITC among the candidates.")
+    rank: int = Field(description="1-based rank after rerank.")
+    rerank_failed: bool = Field(False, description="The candidate's image could not be read; ITC score used.")
+
+
+class Timings(_Result):
+    """Milliseconds per stage."""
+
+    encode: float
+    ann: float
+    rerank: float
+    total: float
+
+
+class SearchResponse(_Result):
+    collection: str
+    version: int
+    query: Modality
+    target: Modality
+    reranked: bool
+    fusion: Fusion
+    hits: Sequence[SearchHit]
+    timings: Timings = Field(description="Milliseconds per stage.")
+    pairs_scored: int
+    candidates: int
+    itc_hits: Sequence[SearchHit] | None = None
+
+
+class AddResult(_Result):
     """Ids of the added items in request order (an existing id where the content was already live)."""
 
     collection: str
@@ -108,15 +123,13 @@ class AddResult:
     duplicates: int
 
 
-@dataclass(frozen=True)
-class DeleteResult:
+class DeleteResult(_Result):
     collection: str
     version: int
     id: int
 
 
-@dataclass(frozen=True)
-class CollectionInfo:
+class CollectionInfo(_Result):
     name: str
     version: int
     images: int
@@ -126,28 +139,25 @@ class CollectionInfo:
     reranker: str | None
     index_key: str | None
     feature_cache: bool
-    compatible: bool
-    """False when the collection was built with a dual encoder other than the one loaded."""
+    compatible: bool  # False when the collection was built with a dual encoder other than the one loaded
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class ItemInfo:
+class ItemInfo(_Result):
     id: int
     kind: Modality
     uri: str
     caption: str | None
-    metadata: Mapping[str, Any]
+    metadata: dict[str, Any]
     state: str
     version_added: int
 
 
-@dataclass(frozen=True)
-class ModelsInfo:
+class ModelsInfo(_Result):
     dual_encoder: str
     dual_encoder_id: str
     reranker: str | None
     reranker_id: str | None
     device: str
     precision: str
-    default_fusion: str | None = None
+    default_fusion: str | None = Field(None, description="The fusion a search without `fusion` uses.")

@@ -12,13 +12,15 @@ with ALBEF's parameter names, so ``state_dict()`` *is* an official checkpoint la
 
 :func:`inference_state_dict` strips either layout down to what the retrieval model needs (the released
 ``mscoco.pth`` layout), which is what ``load_albef_checkpoint`` reads.
+
+A little over ~450 lines on purpose: the three objectives share one forward pass (MLM's second pass reads the
+same image states, ITM's negatives come from ITC's similarities), which reads best as one function.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -458,16 +460,3 @@ def inference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             continue
         out[key] = value
     return out
-
-
-def state_dict_names(model: nn.Module) -> list[str]:
-    return list(model.state_dict().keys())
-
-
-def count_parameters(model: nn.Module, prefixes: Sequence[str] = ()) -> int:
-    total = 0
-    for name, p in model.named_parameters():
-        if prefixes and not name.startswith(tuple(prefixes)):
-            continue
-        total += p.numel()
-    return total

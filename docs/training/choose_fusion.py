@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python docs/training/choose_fusion.py models/weights/scenes-albef \
         runs/data2/val/scenes.json runs/data2/compval/scenes.json --write
 
-For each split: ALBEF's protocol (alignfuse.evaluation.protocol.evaluate) with the model's ITC as the dual encoder and a
+For each split: ALBEF's protocol (alignfuse.evaluation.evaluate) with the model's ITC as the dual encoder and a
 top-``k`` ITM rerank with each fusion of :data:`alignfuse.models.base.FUSIONS`: ``"itm"`` (ALBEF), ``"itm+itc"``
 (BLIP/LAVIS) and ``"itm+itc_logit"`` (logit + cosine / ITC temperature). Prints one
 JSON line per (split, fusion). The choice is the fusion with the higher mean rerank R@1 over every split and
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from alignfuse.evaluation.protocol import FUSIONS, evaluate
+from alignfuse.data.scenes import caption_matches
+from alignfuse.evaluation import evaluate
+from alignfuse.models.base import FUSIONS
 from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
 
@@ -41,7 +43,18 @@ def main() -> None:
     for split in args.splits:
         for fusion in FUSIONS:
             t0 = time.perf_counter()
-            rep = evaluate(None, split, None, dual, cross, ("dual", "rerank"), args.k, 256, fusion=fusion)
+            rep = evaluate(
+                None,
+                split,
+                None,
+                dual,
+                cross,
+                ("dual", "rerank"),
+                args.k,
+                256,
+                fusion=fusion,
+                truth=caption_matches,
+            )
             res = rep.to_json()
             row = {
                 "split": str(split),

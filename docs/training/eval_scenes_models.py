@@ -5,7 +5,8 @@
         runs/data/test/scenes.json runs/data/compositional/scenes.json
 
 Prints one JSON line per (split, stage-1 model): ITC R@1 of the stage-1 model, R@1 after a top-k ALBEF ITM
-rerank, ITM accuracies and accuracy inside hard-negative groups.
+rerank, ITM accuracies and accuracy inside hard-negative groups (the protocol's ``group_acc_*``, for the
+stage-1 scores as ``dual_group_acc_*`` and the rerank's as ``rerank_group_acc_*``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from safetensors.torch import load_file
 from alignfuse.models.albef.config import AlbefConfig
 from alignfuse.models.albef.model import AlbefModel
 from alignfuse.models.text import AlbefTokenizer
-from alignfuse.service.cli.train import load_pairs
-from alignfuse.training.loop import AlbefArch, ClipArch, TrainOptions, evaluate
+from alignfuse.training import AlbefArch, ClipArch, TrainOptions, diagnose, load_pairs
 from alignfuse.training.objectives_albef import inference_state_dict
 
 
@@ -72,7 +72,7 @@ def main() -> None:
         for name, dual in (("albef-itc", None), ("scenes-clip", clip)):
             if name == "scenes-clip" and dual is None:
                 continue
-            res = evaluate(albef, data, max_images=args.images, rerank_k=args.k, dual=dual)
+            res = diagnose(albef, data, max_images=args.images, rerank_k=args.k, dual=dual)
             print(json.dumps({"split": split, "stage1": name, "k": args.k, **res.as_dict()}), flush=True)
 
 

@@ -22,7 +22,7 @@ import torch
 from alignfuse.data.scenes import COLOURS, SHAPES
 from alignfuse.models.albef.config import get_albef_config
 from alignfuse.models.text import AlbefTokenizer
-from alignfuse.service.cli.train import load_pairs
+from alignfuse.training import load_pairs
 from alignfuse.training.objectives_albef import AlbefForTraining, AlbefTrainingOptions
 
 ROOT = Path(__file__).resolve().parents[2]

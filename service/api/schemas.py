@@ -7,13 +7,23 @@ allowed range as well.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignfuse.index.types import Modality as Modality
 from alignfuse.models.base import Fusion as Fusion
 
-Modality = Literal["image", "text"]
+from ..types import (
+    AddResult,
+    CollectionInfo,
+    DeleteResult,
+    ItemInfo,
+    ModelsInfo,
+    SearchHit,
+    SearchResponse,
+    Timings,
+)
 
 
 class _In(BaseModel):
@@ -22,8 +32,13 @@ class _In(BaseModel):
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+    # NB a subclass without a docstring of its own: pydantic does not inherit ``__doc__``, so the engine
+    # types' docstrings stay out of the OpenAPI document
 
 
+# -- requests: the engine's request types are dataclasses checked against the configured limits; these add
+# the static bounds and the wire format (``image`` as base64), and the routers build the engine's request
+# from ``model_dump()`` (tests/service/test_openapi.py checks that the field names agree)
 class SearchBody(_In):
     """A search. Exactly one of ``text`` or ``image`` (base64-encoded image bytes)."""
 
@@ -55,64 +70,30 @@ class SearchBody(_In):
     include_itc: bool = Field(False, description="Also return the top-k by ITC alone (before rerank).")
 
 
-class HitOut(_Out):
-    id: int
-    kind: Modality
-    uri: str
-    caption: str | None
-    metadata: dict[str, Any]
-    itc: float = Field(description="Dual-encoder cosine similarity.")
-    itm_prob: float | None = Field(description="Cross-encoder match probability (None when not reranked).")
-    itm_logit: float | None = Field(description="Cross-encoder logit of the match class.")
-    score: float = Field(description="The score the hits are sorted by.")
-    rank_itc: int = Field(description="1-based rank by ITC among the candidates.")
-    rank: int = Field(description="1-based rank after rerank.")
-    rerank_failed: bool = Field(False, description="The candidate's image could not be read; ITC score used.")
+# -- responses: the engine's result types (fields and descriptions declared once, in ``service/types``),
+# under the component names the OpenAPI document publishes; built with ``model_validate`` from the engine's
+# results (``from_attributes``)
+class HitOut(SearchHit, _Out):
+    pass
 
 
-class TimingsOut(_Out):
-    encode: float
-    ann: float
-    rerank: float
-    total: float
+class TimingsOut(Timings, _Out):
+    pass
 
 
-class SearchOut(_Out):
-    collection: str
-    version: int
-    query: Modality
-    target: Modality
-    reranked: bool
-    fusion: Fusion
+class SearchOut(SearchResponse, _Out):
+    # the nested fields name the API's components (same fields, same order)
     hits: list[HitOut]
     timings: TimingsOut = Field(description="Milliseconds per stage.")
-    pairs_scored: int
-    candidates: int
     itc_hits: list[HitOut] | None = None
 
 
-class CollectionOut(_Out):
-    name: str
-    version: int
-    images: int
-    texts: int
-    dim: int
-    dual_encoder: str
-    reranker: str | None
-    index_key: str | None
-    feature_cache: bool
-    compatible: bool
-    error: str | None = None
+class CollectionOut(CollectionInfo, _Out):
+    pass
 
 
-class ModelsOut(_Out):
-    dual_encoder: str
-    dual_encoder_id: str
-    reranker: str | None
-    reranker_id: str | None
-    device: str
-    precision: str
-    default_fusion: str | None = Field(None, description="The fusion a search without `fusion` uses.")
+class ModelsOut(ModelsInfo, _Out):
+    pass
 
 
 class CollectionsOut(BaseModel):
@@ -120,14 +101,8 @@ class CollectionsOut(BaseModel):
     models: ModelsOut
 
 
-class ItemOut(_Out):
-    id: int
-    kind: Modality
-    uri: str
-    caption: str | None
-    metadata: dict[str, Any]
-    state: str
-    version_added: int
+class ItemOut(ItemInfo, _Out):
+    pass
 
 
 class ItemsOut(BaseModel):
@@ -147,18 +122,12 @@ class TextsBody(_In):
     texts: list[TextIn] = Field(min_length=1)
 
 
-class AddOut(_Out):
-    collection: str
-    version: int
-    ids: list[int]
-    added: int
-    duplicates: int
+class AddOut(AddResult, _Out):
+    pass
 
 
-class DeleteOut(_Out):
-    collection: str
-    version: int
-    id: int
+class DeleteOut(DeleteResult, _Out):
+    pass
 
 
 class ErrorInfo(BaseModel):

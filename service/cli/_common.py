@@ -1,6 +1,13 @@
-"""Helpers shared by CLI modules: the error → exit-code table."""
+"""Helpers shared by CLI modules: the error → exit-code table, argument checks that name the argument, shared
+options."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
 
 from alignfuse.errors import (
     AlignfuseError,
@@ -24,3 +31,34 @@ def exit_code_for(exc: AlignfuseError) -> int:
         if isinstance(exc, cls):
             return code
     return 1
+
+
+#: the one console the collection commands print tables to (tests widen it)
+console = Console()
+
+MODALITIES = ("image", "text")
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+
+
+def check_device(device: str) -> str:
+    """``--device`` through the one device parser (:func:`alignfuse.models.registry.resolve_device`)."""
+    from alignfuse.models.registry import resolve_device
+
+    try:
+        return str(resolve_device(device))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"--device: {exc.message}") from None
+
+
+def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise InvalidInputError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def check_collection(path: Path) -> None:
+    from alignfuse.index import is_collection
+
+    if not is_collection(path):
+        if not path.exists():
+            raise NotFoundError(f"COLLECTION: no collection at {path}")
+        raise NotFoundError(f"COLLECTION: {path} is not a collection (no manifest.json)")

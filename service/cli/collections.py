@@ -9,50 +9,25 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from alignfuse.errors import InvalidInputError, NotFoundError
+from alignfuse.errors import InvalidInputError
+
+from ._common import DeviceOpt, check_collection, check_device, check_positive, console
+from .search import search_command
 
 if TYPE_CHECKING:  # the index package (torch, faiss) is imported when a command runs, not at CLI start
     from alignfuse.index import BuildReport, IndexOptions
 
 log = logging.getLogger(__name__)
-console = Console()
 
 GiB = 1 << 30
-_DEVICES = ("cpu", "cuda", "auto")
-_MODALITIES = ("image", "text")
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def _check_device(device: str) -> str:
-    if device not in _DEVICES:
-        raise InvalidInputError(f"--device: must be one of {', '.join(_DEVICES)}, got {device!r}")
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _check_positive(name: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise InvalidInputError(f"{name}: must be >= {minimum}, got {value}")
-
-
-def _check_collection(path: Path) -> None:
-    from alignfuse.index import is_collection
-
-    if not is_collection(path):
-        if not path.exists():
-            raise NotFoundError(f"COLLECTION: no collection at {path}")
-        raise NotFoundError(f"COLLECTION: {path} is not a collection (no manifest.json)")
-
-
 def _index_options(index_key: str | None, memory_budget_gb: float, mmap: bool = False) -> IndexOptions:
     from alignfuse.index import IndexOptions
     from alignfuse.index.ann import validate_index_key
@@ -104,14 +79,14 @@ def _run_build(
     from alignfuse.index import BuildOptions, build_collection, open_source
     from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
-    _check_positive("--batch-size", batch_size)
-    _check_positive("--workers", workers, 0)
-    _check_positive("--commit-every", commit_every, 0)
+    check_positive("--batch-size", batch_size)
+    check_positive("--workers", workers, 0)
+    check_positive("--commit-every", commit_every, 0)
     if rerank_cache and not reranker:
         raise InvalidInputError("--rerank-cache needs --reranker SPEC")
     if reranker and not rerank_cache:
         raise InvalidInputError("--reranker is only used with --rerank-cache")
-    dev = _check_device(device)
+    dev = check_device(device)
     source = open_source(images=images, captions=captions, karpathy=karpathy, image_root=image_root)
     options = BuildOptions(
         batch_size=batch_size,
@@ -128,30 +103,46 @@ def _run_build(
     )
 
 
+# -- options shared by build and add (declared once) -------------------------------------------------
+ImagesOpt = Annotated[
+    Path | None, typer.Option("--images", help="Folder of images (recursive, by extension).")
+]
+CaptionsOpt = Annotated[
+    Path | None, typer.Option("--captions", help="Captions file: JSONL or CSV (image, caption).")
+]
+KarpathyOpt = Annotated[Path | None, typer.Option("--karpathy", help="Karpathy-split JSON (COCO/Flickr30K).")]
+ImageRootOpt = Annotated[
+    Path | None, typer.Option("--image-root", help="Folder that image paths are relative to.")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16.")]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", help="DataLoader worker processes (0 = decode in-process).")
+]
+CommitEveryOpt = Annotated[int, typer.Option("--commit-every", help="Commit a version every N added items.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
 # -- commands -----------------------------------------------------------------------------------------
 def build_command(
     collection: Path = typer.Argument(
         ..., help="Collection folder (created if missing; resumed if it exists)."
     ),
-    images: Path | None = typer.Option(None, "--images", help="Folder of images (recursive, by extension)."),
-    captions: Path | None = typer.Option(
-        None, "--captions", help="Captions file: JSONL or CSV (image, caption)."
-    ),
-    karpathy: Path | None = typer.Option(None, "--karpathy", help="Karpathy-split JSON (COCO/Flickr30K)."),
-    image_root: Path | None = typer.Option(
-        None, "--image-root", help="Folder that image paths are relative to."
-    ),
+    images: ImagesOpt = None,
+    captions: CaptionsOpt = None,
+    karpathy: KarpathyOpt = None,
+    image_root: ImageRootOpt = None,
     model: str = typer.Option(
         ..., "--model", help="Dual-encoder spec, e.g. open_clip:ViT-B-32@laion2b_s34b_b79k."
     ),
     index_key: str | None = typer.Option(
         None, "--index-key", help="FAISS factory string (default: automatic)."
     ),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per encoder batch."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes (0 = decode in-process)."),
-    commit_every: int = typer.Option(10_000, "--commit-every", help="Commit a version every N added items."),
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "fp32",
+    workers: WorkersOpt = 2,
+    commit_every: CommitEveryOpt = 10_000,
     rerank_cache: bool = typer.Option(
         False, "--rerank-cache", help="Also cache the reranker's image tokens."
     ),
@@ -159,7 +150,7 @@ def build_command(
     memory_budget_gb: float = typer.Option(
         4.0, "--memory-budget-gb", help="Memory budget for the index choice."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: ProgressOpt = True,
 ) -> None:
     """Build a collection from images or captioned images (re-running resumes a killed build)."""
     report = _run_build(
@@ -186,25 +177,21 @@ def build_command(
 
 def add_command(
     collection: Path = typer.Argument(..., help="Existing collection folder."),
-    images: Path | None = typer.Option(None, "--images", help="Folder of images (recursive, by extension)."),
-    captions: Path | None = typer.Option(
-        None, "--captions", help="Captions file: JSONL or CSV (image, caption)."
-    ),
-    karpathy: Path | None = typer.Option(None, "--karpathy", help="Karpathy-split JSON (COCO/Flickr30K)."),
-    image_root: Path | None = typer.Option(
-        None, "--image-root", help="Folder that image paths are relative to."
-    ),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per encoder batch."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes (0 = decode in-process)."),
-    commit_every: int = typer.Option(10_000, "--commit-every", help="Commit a version every N added items."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    images: ImagesOpt = None,
+    captions: CaptionsOpt = None,
+    karpathy: KarpathyOpt = None,
+    image_root: ImageRootOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "fp32",
+    workers: WorkersOpt = 2,
+    commit_every: CommitEveryOpt = 10_000,
+    progress: ProgressOpt = True,
 ) -> None:
     """Add items to an existing collection (model, index key and rerank cache taken from its manifest)."""
     from alignfuse.index import Collection
 
-    _check_collection(collection)
+    check_collection(collection)
     with Collection.open(collection) as c:
         m = c.manifest
     has_cache = m.features is not None
@@ -237,7 +224,7 @@ def delete_command(
     """Delete items (tombstones; dropped from disk at the next compaction)."""
     from alignfuse.index import Collection
 
-    _check_collection(collection)
+    check_collection(collection)
     with Collection.open(collection) as c:
         version = c.delete(ids)
     console.print(f"deleted {len(set(ids))} item(s) from {collection}; now at version {version}")
@@ -250,7 +237,7 @@ def info_command(
     """Manifest summary, counts, versions and segments of a collection."""
     from alignfuse.index import Collection
 
-    _check_collection(collection)
+    check_collection(collection)
     with Collection.open(collection) as c:
         m = c.manifest
         if as_json:
@@ -295,143 +282,6 @@ def info_command(
         console.print(table)
 
 
-def search_command(
-    collection: Path = typer.Argument(..., help="Collection folder."),
-    text: str | None = typer.Option(None, "--text", help="Query text."),
-    image: Path | None = typer.Option(None, "--image", help="Query image file."),
-    k: int = typer.Option(10, "-k", "--k", help="Number of results."),
-    modality: str | None = typer.Option(
-        None, "--modality", help="Search image or text items (default: the other modality, if indexed)."
-    ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-    rerank: bool | None = typer.Option(
-        None,
-        "--rerank/--no-rerank",
-        help="Two-stage search: rerank the top candidates with the cross-encoder (default: when one is known).",
-    ),
-    reranker: str | None = typer.Option(
-        None,
-        "--reranker",
-        help="Cross-encoder spec (default: the one recorded in the collection's manifest).",
-    ),
-    candidates: int = typer.Option(128, "--candidates", help="Dual-encoder candidates to rerank."),
-) -> None:
-    """Search a collection: dual encoder + FAISS, then (when a reranker is known) the cross-encoder rerank."""
-    from PIL import Image, UnidentifiedImageError
-
-    from alignfuse.index import Collection
-    from alignfuse.models.registry import create_dual_encoder
-
-    if (text is None) == (image is None):
-        raise InvalidInputError("give exactly one of --text or --image")
-    if text is not None and not text.strip():
-        raise InvalidInputError("--text: empty query")
-    _check_positive("-k", k)
-    if modality is not None and modality not in _MODALITIES:
-        raise InvalidInputError(f"--modality: must be image or text, got {modality!r}")
-    if image is not None and not image.is_file():
-        raise NotFoundError(f"--image: file not found: {image}")
-    _check_collection(collection)
-    dev = _check_device(device)
-    _check_positive("--candidates", candidates)
-    with Collection.open(collection) as c:
-        reranker_spec = reranker or (c.manifest.reranker.spec if c.manifest.reranker is not None else None)
-        encoder_spec = c.manifest.encoder.spec
-    if rerank is None:
-        rerank = reranker_spec is not None
-    if rerank:
-        if reranker_spec is None:
-            raise InvalidInputError("--rerank: no reranker recorded in the collection; pass --reranker SPEC")
-        _two_stage_search(
-            collection, encoder_spec, reranker_spec, str(dev), text, image, k, candidates, modality
-        )
-        return
-    with Collection.open(collection) as c:
-        encoder = create_dual_encoder(encoder_spec, dev, "fp32")
-        c.check_encoder(encoder.info)
-        if text is not None:
-            q = encoder.encode_texts([text])
-            query_kind = "text"
-        else:
-            assert image is not None
-            try:
-                with Image.open(image) as img:
-                    pixels = encoder.image_transform(img.convert("RGB")).unsqueeze(0)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise InvalidInputError(f"--image: cannot decode {image}: {exc}") from exc
-            q = encoder.encode_images(pixels)
-            query_kind = "image"
-        if modality is None:
-            other = "image" if query_kind == "text" else "text"
-            modality = other if c.count(other) > 0 else query_kind  # type: ignore[arg-type]
-        hits = c.search_hits(q[0], k, modality)  # type: ignore[arg-type]
-        table = Table(title=f"{collection} (version {c.version}): top {k} {modality} items")
-        table.add_column("rank", justify="right")
-        table.add_column("id", justify="right")
-        table.add_column("score", justify="right")
-        table.add_column("uri / caption", overflow="fold")
-        for h in hits:
-            label = h.item.uri if h.item.kind == "image" else (h.item.text or "")
-            if h.item.kind == "image" and h.item.text:
-                label += f"\n[dim]{h.item.text}[/]"
-            table.add_row(str(h.rank), str(h.id), f"{h.score:.4f}", label)
-        console.print(table)
-
-
-def _two_stage_search(
-    collection: Path,
-    encoder_spec: str,
-    reranker_spec: str,
-    device: str,
-    text: str | None,
-    image: Path | None,
-    k: int,
-    candidates: int,
-    modality: str | None,
-) -> None:
-    """Both stages in process, through the same engine the server uses."""
-    from ..engine import SearchEngine
-    from ..settings import LimitSettings, ModelSettings, Settings
-    from ..types import SearchRequest
-
-    settings = Settings(
-        collections=collection.resolve().parent,
-        models=ModelSettings(dual_encoder=encoder_spec, reranker=reranker_spec, device=device, warmup=False),
-        limits=LimitSettings(max_k=max(k, 100), max_candidates=max(candidates, 512)),
-    )
-    engine = SearchEngine(settings)
-    engine.load()
-    try:
-        resp = engine.search_sync(
-            SearchRequest(
-                collection=collection.resolve().name,
-                text=text,
-                image=image.read_bytes() if image is not None else None,
-                target=modality,  # type: ignore[arg-type]
-                k=k,
-                candidates=max(candidates, k),
-                rerank=True,
-            )
-        )
-    finally:
-        engine.close()
-    t = resp.timings
-    table = Table(
-        title=f"{collection} (version {resp.version}): top {k} {resp.target} items, "
-        f"{resp.pairs_scored} pairs reranked; encode {t.encode:.0f} ms, ann {t.ann:.0f} ms, "
-        f"rerank {t.rerank:.0f} ms"
-    )
-    for col in ("rank", "was", "id", "itm p", "itc", "uri / caption"):
-        table.add_column(col, justify="left" if col == "uri / caption" else "right", overflow="fold")
-    for h in resp.hits:
-        label = h.uri if h.kind == "image" else (h.caption or "")
-        if h.kind == "image" and h.caption:
-            label += f"\n[dim]{h.caption}[/]"
-        prob = "-" if h.itm_prob is None else f"{h.itm_prob:.3f}"
-        table.add_row(str(h.rank), str(h.rank_itc), str(h.id), prob, f"{h.itc:.4f}", label)
-    console.print(table)
-
-
 def compact_command(
     collection: Path = typer.Argument(..., help="Collection folder."),
     index_key: str | None = typer.Option(
@@ -442,7 +292,7 @@ def compact_command(
     from alignfuse.index import Collection
     from alignfuse.index.ann import validate_index_key
 
-    _check_collection(collection)
+    check_collection(collection)
     with Collection.open(collection) as c:
         if index_key is not None:
             index_key = validate_index_key(index_key, c.dim)
@@ -475,6 +325,6 @@ def register(app: typer.Typer) -> None:
     app.command("add")(add_command)
     app.command("delete")(delete_command)
     app.command("info")(info_command)
-    app.command("search")(search_command)
+    app.command("search")(search_command)  # from .search: listed among the collection commands
     app.command("compact")(compact_command)
     app.command("models")(models_command)

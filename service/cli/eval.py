@@ -1,5 +1,5 @@
 """CLI command ``alignfuse eval``: ALBEF-protocol retrieval evaluation of a collection's models on a
-Karpathy-style test split (see ``docs/evaluation.md`` and :mod:`alignfuse.evaluation.protocol`)."""
+Karpathy-style test split (see ``docs/evaluation.md`` and :mod:`alignfuse.evaluation`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from alignfuse.data.scenes import caption_matches
 from alignfuse.errors import InvalidInputError, NotFoundError
-from alignfuse.evaluation.protocol import DEFAULT_MAX_ALL_PAIRS, FUSIONS, MODES, EvalReport, evaluate
-from alignfuse.models.base import PRECISIONS, default_fusion_for
-from alignfuse.models.registry import create_cross_encoder, create_dual_encoder, resolve_device
+from alignfuse.evaluation import DEFAULT_MAX_ALL_PAIRS, MODES, EvalReport, evaluate
+from alignfuse.models.base import FUSIONS, PRECISIONS, default_fusion_for
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
+
+from ._common import check_device
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +32,6 @@ def _parse_modes(modes: str | None, have_reranker: bool) -> tuple[str, ...]:
         if m not in MODES:
             raise InvalidInputError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
     return tuple(dict.fromkeys(parts))
-
-
-def _auto_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _tables(report: EvalReport) -> tuple[Table, Table]:
@@ -139,15 +134,7 @@ def eval_command(
     if modes is not None:
         _parse_modes(modes, True)  # report a bad --modes before loading anything
 
-    dev = _auto_device(device)
-    try:
-        resolve_device(dev)
-    except InvalidInputError as exc:
-        raise InvalidInputError(f"--device: {exc.message}") from exc
-    except RuntimeError as exc:  # torch.device() rejects the string itself
-        raise InvalidInputError(
-            f"--device: {device!r} is not a device (use cpu, cuda, cuda:N or auto)"
-        ) from exc
+    dev = check_device(device)
 
     from alignfuse.index.collection import Collection, is_collection
 
@@ -187,6 +174,8 @@ def eval_command(
             ),
             limit=limit,
             max_all_pairs=max_all_pairs,
+            # used only when every image of the split lists its drawn objects, as the built-in scenes do
+            truth=caption_matches,
         )
     if as_json:
         typer.echo(json.dumps(report.to_json()))

@@ -24,7 +24,7 @@ def serve(
     reranker: str | None = typer.Option(
         None, "--reranker", help="Cross-encoder spec, or 'none' (default: the one recorded in the manifests)."
     ),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto."),
     precision: str | None = typer.Option(None, "--precision", help="fp32, fp16 or bf16."),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Micro-batch size (1 = per-request)."),
     api_key: str | None = typer.Option(

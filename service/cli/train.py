@@ -1,139 +1,18 @@
 """CLI commands: ``alignfuse train`` trains an ALBEF (ITC + ITM + MLM) or an open_clip CLIP on Karpathy-style
-image-caption data (e.g. the synthetic scenes written by ``alignfuse scenes``)."""
+image-caption data (e.g. the synthetic scenes written by ``alignfuse scenes``). The work is
+:func:`alignfuse.training.run_training`'s; this module parses the flags into a
+:class:`~alignfuse.training.TrainRun` and shows progress."""
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import numpy as np
-import torch
 import typer
-from PIL import Image
 
-from alignfuse.errors import InvalidInputError, NotFoundError
-from alignfuse.training.loop import PairData
-
-log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def load_pairs(path: Path, image_root: Path | None, image_size: int, limit: int | None = None) -> PairData:
-    """Read a Karpathy-style JSON (``[{"image", "caption": str | [str]}]``) into memory at ``image_size``
-    (bicubic squash, as ALBEF). Entries with ``objects`` (the synthetic scenes) also get the caption
-    perturbation and matching functions; a ``group`` key gives the hard-negative groups."""
-    if not path.is_file():
-        raise NotFoundError(f"training data {path} does not exist")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(entries, list):
-        raise InvalidInputError(f"{path} must hold a list of {{image, caption}} records")
-    root = image_root or path.parent
-    # one image per distinct file, captions grouped under it
-    by_image: dict[str, dict[str, Any]] = {}
-    for e in entries:
-        if not isinstance(e, dict) or "image" not in e or "caption" not in e:
-            continue
-        caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-        rec = by_image.setdefault(
-            e["image"], {"captions": [], "group": e.get("group"), "objects": e.get("objects")}
-        )
-        rec["captions"] += [c for c in caps if isinstance(c, str) and c.strip()]
-    keys = list(by_image)[: limit or None]
-    images: list[torch.Tensor] = []
-    captions: list[str] = []
-    image_of: list[int] = []
-    groups: list[Any] = []
-    objects: list[Any] = []
-    skipped = 0
-    for key in keys:
-        rec = by_image[key]
-        try:
-            with Image.open(root / key) as im:
-                rgb = im.convert("RGB")
-                if rgb.size != (image_size, image_size):
-                    rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-                arr = np.asarray(rgb, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
-            log.warning("skipping unreadable image %s: %s", root / key, exc)
-            skipped += 1
-            continue
-        if not rec["captions"]:
-            continue
-        i = len(images)
-        images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-        for c in rec["captions"]:
-            captions.append(c)
-            image_of.append(i)
-        groups.append(rec["group"])
-        objects.append(rec["objects"])
-    if not images:
-        raise InvalidInputError(f"{path}: no readable image-caption pairs")
-    if skipped:
-        log.warning("%d unreadable images skipped", skipped)
-    has_groups = all(g is not None for g in groups)
-    data = PairData(
-        torch.stack(images), captions, image_of, groups=[int(g) for g in groups] if has_groups else None
-    )
-    if all(o is not None for o in objects):
-        _attach_scene_functions(data, objects)
-    return data
-
-
-def _attach_scene_functions(data: PairData, objects: list[Any]) -> None:
-    from alignfuse.data.scenes import (
-        SceneObject,
-        attribute_caption,
-        claim_holds,
-        parse_caption,
-        perturb_caption,
-    )
-
-    scene_objs = [[SceneObject(**o) for o in objs] for objs in objects]
-    # (colour, shape) pairs the training images contain; perturbed negatives never mention any other pair
-    seen_pairs = frozenset((o.colour, o.shape) for objs in scene_objs for o in objs)
-    parse = functools.lru_cache(maxsize=200_000)(parse_caption)
-
-    def matches(caption: str, image: int) -> bool:
-        return claim_holds(parse(caption), scene_objs[image])
-
-    def perturb(caption: str, image: int, rng: np.random.Generator) -> str | None:
-        return perturb_caption(
-            caption, scene_objs[image], rng, easy=data.perturb_easy, allowed_pairs=seen_pairs
-        )
-
-    def attribute(image: int, true: bool, rng: np.random.Generator) -> str | None:
-        return attribute_caption(scene_objs[image], rng, true=true)
-
-    data.matches = matches
-    data.perturb = perturb
-    data.attribute = attribute
-
-
-# ---------------------------------------------------------------------------------------------- command
-
-
-def _concept_groups(tok: Any) -> tuple[tuple[int, ...], ...]:
-    from alignfuse.data.scenes import COLOURS, RELATIONS, SHAPES
-
-    vocab = tok.tokenizer.vocab
-    groups = []
-    colour_ids = tuple(vocab[w] for w in COLOURS if w in vocab)
-    shape_words = [*SHAPES, *(s + ("es" if s == "cross" else "s") for s in SHAPES)]
-    shape_ids = tuple(vocab[w] for w in shape_words if w in vocab)
-    rel_ids = tuple(vocab[w] for w in {r.split()[0] for r in RELATIONS} if w in vocab)
-    for g in (colour_ids, shape_ids, rel_ids):
-        if g:
-            groups.append(g)
-    return tuple(groups)
+from alignfuse.errors import InvalidInputError
 
 
 def train(
@@ -207,56 +86,56 @@ def train(
     """Train the project's small models (ALBEF or CLIP) and export loadable weights into OUT."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from alignfuse.training.loop import Trainer, TrainOptions
+    from alignfuse.training import ModelOptions, TrainOptions, TrainRun, prepare_training
+    from alignfuse.training.options import Arch, Precision
 
-    if threads:
-        torch.set_num_threads(threads)
     if arch not in ("albef", "clip"):
         raise InvalidInputError("--arch must be albef or clip")
-    if precision == "bf16" and not device.startswith("cuda"):
-        log.warning("bf16 autocast is only used on GPU; training in fp32 on %s", device)
-        precision = "fp32"
-    opts = TrainOptions(
-        arch=arch,  # type: ignore[arg-type]
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        max_minutes=max_minutes,
-        save_every=save_every,
-        seed=seed,
-        device=device,
-        precision=precision,  # type: ignore[arg-type]
-        perturb_negatives=perturb_negatives,
-        perturb_count=perturb_count,
-        attribute_captions=attribute_captions,
-        perturb_easy_start=perturb_easy[0],
-        perturb_easy_end=perturb_easy[1],
-        group_mix=group_mix,
-        group_mix_after=group_mix_after,
-        eval_max_images=eval_images,
-        time_schedule=time_schedule,
+    run = TrainRun(
+        data=data,
+        out=out,
+        val=val,
+        image_root=image_root,
+        name=name,
+        resume=resume,
+        init_from=init_from,
+        limit=limit,
+        threads=threads,
+        model=ModelOptions(
+            config=model_config,
+            vocab=vocab,
+            mlm=mlm,
+            concept_mask=concept_mask,
+            mlm_distill=mlm_distill,
+            queue_size=queue_size,
+            momentum=momentum,
+            itm_balance=itm_balance,
+        ),
+        train=TrainOptions(
+            arch=cast(Arch, arch),
+            epochs=epochs,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            weight_decay=weight_decay,
+            max_minutes=max_minutes,
+            save_every=save_every,
+            seed=seed,
+            device=device,
+            precision=cast(Precision, precision),
+            perturb_negatives=perturb_negatives,
+            perturb_count=perturb_count,
+            attribute_captions=attribute_captions,
+            perturb_easy_start=perturb_easy[0],
+            perturb_easy_end=perturb_easy[1],
+            group_mix=group_mix,
+            group_mix_after=group_mix_after,
+            eval_max_images=eval_images,
+            time_schedule=time_schedule,
+        ),
     )
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    if arch == "albef":
-        arch_obj, size = _build_albef(
-            model_config, vocab, mlm, concept_mask, queue_size, dev, opts, mlm_distill, momentum, itm_balance
-        )
-    else:
-        arch_obj, size = _build_clip(model_config, dev, opts)
-    t0 = time.monotonic()
-    train_data = load_pairs(data, image_root, size, limit)
-    val_data = load_pairs(val, None, size, None) if val is not None else None
-    log.info(
-        "loaded %d images / %d captions in %.1fs",
-        train_data.num_images,
-        len(train_data.captions),
-        time.monotonic() - t0,
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_training(run)
     with Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -277,75 +156,11 @@ def train(
             )
             bar.update(task, completed=rec["batch"], total=rec["batches"], epoch=rec["epoch"], losses=losses)
 
-        trainer = Trainer(arch_obj, train_data, opts, out, val=val_data, progress=progress)
-        if resume:
-            trainer.load_checkpoint(out)
-        elif init_from is not None:
-            trainer.init_model_from(init_from)
-        trainer.train()
-    files = arch_obj.save_weights(out, name or f"{arch}")
+        result = prepared.train(progress)
     typer.echo(
-        f"trained {trainer.state.step} steps in {time.monotonic() - t0:.0f}s; wrote "
-        + ", ".join(map(str, files))
+        f"trained {result.state.step} steps in {time.monotonic() - prepared.started:.0f}s; wrote "
+        + ", ".join(map(str, result.files))
     )
-
-
-def _build_albef(
-    model_config: str,
-    vocab: Path | None,
-    mlm: bool,
-    concept_mask: float,
-    queue_size: int,
-    dev: torch.device,
-    opts: Any,
-    mlm_distill: bool = True,
-    momentum: float = 0.995,
-    itm_balance: bool = False,
-):  # type: ignore[no-untyped-def]
-    from alignfuse.models.albef.config import get_albef_config
-    from alignfuse.models.text import AlbefTokenizer
-    from alignfuse.training.loop import AlbefArch
-    from alignfuse.training.objectives_albef import AlbefForTraining, AlbefTrainingOptions
-
-    cfg = get_albef_config(model_config)
-    if vocab is not None:
-        if not vocab.is_file():
-            raise NotFoundError(f"vocabulary {vocab} does not exist")
-        cfg = cfg.replace(vocab=str(vocab.resolve()))
-    tok = AlbefTokenizer(cfg.vocab, max_len=cfg.max_text_len)
-    if tok.vocab_size != cfg.vocab_size:
-        cfg = cfg.replace(vocab_size=tok.vocab_size)
-    topts = AlbefTrainingOptions(
-        queue_size=queue_size,
-        momentum=momentum,
-        itm_balance=itm_balance,
-        mlm=mlm,
-        mlm_distill=mlm_distill,
-        concept_mask_prob=concept_mask if mlm else 0.0,
-        concept_groups=_concept_groups(tok) if mlm and concept_mask > 0 else (),
-        special_ids=(tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id),
-    )
-    model = AlbefForTraining(cfg, topts).to(dev)
-    return AlbefArch(model, tok, opts, dev), cfg.image_res
-
-
-def _build_clip(model_config: str, dev: torch.device, opts: Any):  # type: ignore[no-untyped-def]
-    import open_clip
-    from open_clip import factory
-
-    from alignfuse.training.loop import ClipArch
-
-    p = Path(model_config)
-    if not p.is_file():
-        raise NotFoundError(f"CLIP model config {p} does not exist (an open_clip config JSON)")
-    cfg = json.loads(p.read_text())
-    if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-        raise InvalidInputError(f"{p}: an open_clip config needs embed_dim, vision_cfg and text_cfg")
-    arch_name = "alignfuse-train-" + p.stem
-    factory._MODEL_CONFIGS[arch_name] = cfg
-    model = open_clip.create_model(arch_name, pretrained=None, device=dev)
-    tok = open_clip.get_tokenizer(arch_name)
-    return ClipArch(model, tok, cfg, opts, dev), int(cfg["vision_cfg"]["image_size"])
 
 
 def register(app: typer.Typer) -> None:

@@ -16,10 +16,10 @@ from .conftest import make_image_folder
 def run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
-    from alignfuse.service.cli import collections as cli_collections
+    from alignfuse.service.cli import _common as cli_common
     from alignfuse.service.cli import main
 
-    monkeypatch.setattr(cli_collections.console, "width", 400)
+    monkeypatch.setattr(cli_common.console, "width", 400)
     monkeypatch.setattr(sys, "argv", ["alignfuse", *args])
     code = 0
     try:
@@ -103,6 +103,7 @@ def test_build_info_search_delete_compact_add(
         (("search", "{t}", "--image", "{t}/nope.png"), 3, "--image"),
         (("search", "{t}", "--text", "x", "-k", "0"), 2, "-k"),
         (("search", "{t}", "--text", "x", "--modality", "audio"), 2, "--modality"),
+        (("search", "{t}", "--text", "x", "--target", "audio"), 2, "--target"),
         (("delete", "{t}/none", "1"), 3, "COLLECTION"),
         (("compact", "{t}/none"), 3, "COLLECTION"),
     ],
@@ -170,7 +171,10 @@ def test_build_from_captions_and_search_both_directions(
         monkeypatch, capsys, "search", str(coll), "--image", str(tmp_path / names[0]), "-k", "2"
     )
     assert code == 0 and "top 2 text items" in out and "caption of" in out
-    code, out, _ = run(
+    code, out, _ = run(monkeypatch, capsys, "search", str(coll), "--text", "x", "--target", "text", "-k", "1")
+    assert code == 0 and "top 1 text items" in out
+    # --modality: the deprecated alias of --target
+    code, out, err = run(
         monkeypatch, capsys, "search", str(coll), "--text", "x", "--modality", "text", "-k", "1"
     )
-    assert code == 0 and "top 1 text items" in out
+    assert code == 0 and "top 1 text items" in out and "deprecated" in out + err

@@ -112,6 +112,46 @@ def test_karpathy_json(tmp_path: Path) -> None:
         KarpathySource(f, image_root=tmp_path / "nowhere")
 
 
+def test_karpathy_source_reads_through_the_shared_reader(tmp_path: Path) -> None:
+    """Bad records are problems (never fatal); repeated images merge by path with repeated captions dropped;
+    Karpathy's original dataset_*.json is read too (its ``split`` images, default test)."""
+    data = [
+        {"image": "a.jpg", "caption": "one"},
+        {"image": "./a.jpg", "caption": ["one", "two", " "]},
+        {"image": "b.jpg", "caption": 5},
+        {"caption": "no image"},
+    ]
+    f = tmp_path / "train.json"
+    f.write_text(json.dumps(data))
+    src = KarpathySource(f)
+    items = list(src.items())
+    assert [(i.kind, i.text) for i in items] == [("image", "one"), ("text", "one"), ("text", "two")]
+    assert src.problems == [
+        (f"{f}[2]", "'caption' must be a string or a list of strings"),
+        (f"{f}[3]", "missing 'image' field"),
+    ]
+    original = {
+        "images": [
+            {
+                "filepath": "val",
+                "filename": "x.jpg",
+                "split": "test",
+                "cocoid": 9,
+                "sentences": [{"raw": "r"}],
+            },
+            {"filepath": "val", "filename": "y.jpg", "split": "train", "sentences": [{"raw": "s"}]},
+        ]
+    }
+    f.write_text(json.dumps(original))
+    items = list(KarpathySource(f).items())
+    assert [i.text for i in items] == ["r", "r"] and items[0].path == tmp_path / "val" / "x.jpg"
+    assert items[0].metadata["cocoid"] == 9
+    assert [i.text for i in KarpathySource(f, split="train").items()] == ["s", "s"]
+    f.write_text("[{")
+    with pytest.raises(InvalidInputError, match="--karpathy: .*not valid JSON"):
+        list(KarpathySource(f).items())
+
+
 def test_text_source(tmp_path: Path) -> None:
     items = list(TextSource(["a cat", " ", "a dog"]).items())
     assert [(i.kind, i.text) for i in items] == [("text", "a cat"), ("text", "a dog")]

@@ -17,10 +17,10 @@ from alignfuse.service.types import SearchRequest
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    from alignfuse.service.cli import collections as cli_collections
+    from alignfuse.service.cli import _common as cli_common
     from alignfuse.service.cli import main
 
-    monkeypatch.setattr(cli_collections.console, "width", 400)
+    monkeypatch.setattr(cli_common.console, "width", 400)
     monkeypatch.setattr(sys, "argv", ["alignfuse", *args])
     code = 0
     try:

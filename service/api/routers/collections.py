@@ -161,7 +161,7 @@ async def _add_texts(request: Request, name: str, engine: EngineDep) -> AddOut:
         body = TextsBody.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False), body=None) from None
-    texts = [TextUpload(text=t.text, metadata=t.metadata) for t in body.texts]
+    texts = [TextUpload(**t.model_dump()) for t in body.texts]
     return AddOut.model_validate(await engine.add_texts(name, texts))
 
 

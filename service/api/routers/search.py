@@ -64,18 +64,7 @@ def _json(resp: SearchResponse) -> Response:
 )
 async def search(body: SearchBody, engine: EngineDep, settings: SettingsDep) -> Response:
     image = None if body.image is None else _decode_b64(body.image, settings.limits.max_upload_bytes)
-    req = SearchRequest(
-        collection=body.collection,
-        text=body.text,
-        image=image,
-        target=body.target,
-        k=body.k,
-        candidates=body.candidates,
-        rerank=body.rerank,
-        fusion=body.fusion,
-        min_match=body.min_match,
-        include_itc=body.include_itc,
-    )
+    req = SearchRequest(**{**body.model_dump(), "image": image})
     return _json(await engine.search(req))
 
 

@@ -1,14 +1,15 @@
-"""What the device workers run: batched handlers over one model each, and their payload types.
+"""The batch kernels the device workers run (one set per model), and their payload types.
 
-The dual encoder's handlers encode text and image batches; the cross-encoder's handler scores the pairs of
-several requests in one forward (one text tower pass over every query, one vision pass over every image that
-is not cached, the pairs in chunks of ``max_pairs``).
+Each kernel is a :data:`~alignfuse.service.batching.Handler` of a
+:class:`~alignfuse.service.batching.DeviceWorker`: one call per gathered batch of tasks (not an HTTP handler).
+The dual encoder's kernels (``texts``, ``images``) encode text and image batches; the cross-encoder's
+``rerank`` scores the pairs of several requests together (one text tower pass over every query, one vision
+pass over every image that is not cached, the pairs in forwards of at most ``max_pairs``) and ``tokens``
+computes the vision tokens the feature cache stores.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,8 @@ def _split_rows(arr: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
     return out
 
 
-class DualHandlers:
-    """Batch handlers of the dual-encoder worker: payloads are lists of texts / pixel batches."""
+class DualKernels:
+    """Batch kernels of the dual-encoder worker: payloads are lists of texts / pixel batches."""
 
     def __init__(self, model: DualEncoder) -> None:
         self.model = model
@@ -80,8 +81,8 @@ class DualHandlers:
         return _split_rows(vecs, [len(p) for p in payloads])
 
 
-class CrossHandlers:
-    """Batch handlers of the cross-encoder worker: ``rerank`` (RerankJob payloads) and ``tokens`` (vision
+class CrossKernels:
+    """Batch kernels of the cross-encoder worker: ``rerank`` (RerankJob payloads) and ``tokens`` (vision
     tokens of pixel batches, for the feature cache of uploads)."""
 
     def __init__(self, model: CrossEncoder, max_pairs: int) -> None:
@@ -180,34 +181,3 @@ class CrossHandlers:
             lg, pr = scored[n_job]
             outs.append(RerankOut(lg.copy(), pr.copy(), nt_))
         return outs
-
-
-class TokenLRU:
-    """Recomputed rerank image tokens (fp16, CPU) kept in memory, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._data: OrderedDict[tuple[str, int, str], torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int, str]) -> torch.Tensor | None:
-        with self._lock:
-            t = self._data.get(key)
-            if t is not None:
-                self._data.move_to_end(key)
-            return t
-
-    def put(self, key: tuple[str, int, str], value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._data.pop(key, None)
-            if old is not None:
-                self._bytes -= old.numel() * old.element_size()
-            self._data[key] = value
-            self._bytes += size
-            while self._bytes > self.max_bytes and self._data:
-                _, ev = self._data.popitem(last=False)
-                self._bytes -= ev.numel() * ev.element_size()

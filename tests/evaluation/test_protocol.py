@@ -1,4 +1,4 @@
-"""ALBEF-protocol evaluation: recall metrics against a brute-force implementation, the three modes, the CLI."""
+"""ALBEF-protocol evaluation: the three modes against an independent computation, the truth function, the CLI."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from alignfuse.data.scenes import SceneObject, caption_matches
-from alignfuse.errors import CorruptDataError, InvalidInputError, NotFoundError
-from alignfuse.evaluation.protocol import (
+from alignfuse.errors import InvalidInputError
+from alignfuse.evaluation import (
     GROUP_KEYS,
     MODE_KEYS,
     NON_CANDIDATE,
@@ -24,278 +24,10 @@ from alignfuse.evaluation.protocol import (
     group_accuracy,
     load_eval_data,
     ranking,
-    ranks_of,
-    recall_metrics,
-    topk_indices,
 )
 from alignfuse.models.base import ImageStates, MatchScores, ModelInfo, Preprocess, TextStates
 
-# ------------------------------------------------------------------------------------ brute-force reference
-
-
-def brute_recall(
-    s_i2t: np.ndarray,
-    img2txt: Sequence[Sequence[int]],
-    txt2img: Sequence[int],
-    s_t2i: np.ndarray | None = None,
-) -> dict[str, float]:
-    """ALBEF's itm_eval written the obvious way, with argsort made stable (the documented tie rule)."""
-    if s_t2i is None:
-        s_t2i = s_i2t.T
-    tr = []
-    for i, row in enumerate(s_i2t):
-        order = list(np.argsort(row, kind="stable")[::-1])
-        rank = 1e20
-        for t in img2txt[i]:
-            rank = min(rank, order.index(t))
-        tr.append(rank)
-    ir = []
-    for t, row in enumerate(s_t2i):
-        order = list(np.argsort(row, kind="stable")[::-1])
-        ir.append(order.index(txt2img[t]))
-
-    def pct(ranks: Sequence[float], k: int) -> float:
-        return 100.0 * sum(1 for r in ranks if r < k) / len(ranks)
-
-    vals = {
-        "tr_r1": pct(tr, 1),
-        "tr_r5": pct(tr, 5),
-        "tr_r10": pct(tr, 10),
-        "ir_r1": pct(ir, 1),
-        "ir_r5": pct(ir, 5),
-        "ir_r10": pct(ir, 10),
-    }
-    vals["r_mean"] = sum(vals.values()) / 6
-    return vals
-
-
-def as_dict(rec: object) -> dict[str, float]:
-    return {k: getattr(rec, k) for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")}
-
-
-def assert_recall_equal(got: object, want: dict[str, float]) -> None:
-    g = as_dict(got)
-    for k, v in want.items():
-        assert g[k] == pytest.approx(v, abs=1e-9), (k, g, want)
-
-
-def gt_from_counts(counts: Sequence[int] | np.ndarray) -> tuple[list[list[int]], list[int]]:
-    img2txt: list[list[int]] = []
-    txt2img: list[int] = []
-    for i, c in enumerate(counts):
-        img2txt.append(list(range(len(txt2img), len(txt2img) + c)))
-        txt2img.extend([i] * c)
-    return img2txt, txt2img
-
-
-# ------------------------------------------------------------------------------------------ recall metrics
-
-
-def test_recall_hand_built_matrix() -> None:
-    # 3 images x 6 texts, two captions per image.
-    img2txt, txt2img = gt_from_counts([2, 2, 2])
-    s = np.array(
-        [
-            [0.9, 0.1, 0.8, 0.0, 0.0, 0.0],  # image 0: caption 0 first -> rank 0
-            [0.9, 0.1, 0.2, 0.3, 0.0, 0.0],  # image 1: best own caption (3) is 2nd -> rank 1
-            [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],  # image 2: best own caption (4) -> rank 4
-        ]
-    )
-    rec = recall_metrics(s, img2txt, txt2img)
-    assert rec.tr_r1 == pytest.approx(100 / 3)
-    assert rec.tr_r5 == pytest.approx(100.0)
-    # text->image columns: t0 [.9,.9,.9] tie -> image 2 first, image 0 rank 2; t1 [.1,.1,.8] -> image0 rank 2 (tie
-    # with image 1, image 1 ranked first); t2 [.8,.2,.7] -> image1 rank 2; t3 [0,.3,.6] -> image1 rank 1;
-    # t4 [0,0,.5] -> rank 0; t5 [0,0,.4] -> rank 0
-    assert rec.ir_r1 == pytest.approx(100 * 2 / 6)
-    assert rec.ir_r5 == pytest.approx(100.0)
-    assert rec.r_mean == pytest.approx((100 / 3 + 100 + 100 + 100 * 2 / 6 + 100 + 100) / 6)
-    assert_recall_equal(rec, brute_recall(s, img2txt, txt2img))
-
-
-def test_ties_rank_higher_index_first() -> None:
-    img2txt, txt2img = gt_from_counts([2, 2, 2])
-    s = np.zeros((3, 6))
-    # every row is all ties: the order is 5,4,3,2,1,0 (texts) and 2,1,0 (images)
-    rec = recall_metrics(s, img2txt, txt2img)
-    # TR ranks: image0 best of {0,1} = position of 1 = 4; image1 {2,3} -> 2; image2 {4,5} -> 0
-    assert (rec.tr_r1, rec.tr_r5) == (pytest.approx(100 / 3), pytest.approx(100.0))
-    # IR ranks: texts of image0 -> 2, image1 -> 1, image2 -> 0
-    assert rec.ir_r1 == pytest.approx(100 * 2 / 6)
-    assert list(ranks_of(s.T, np.arange(6), np.array(txt2img))) == [2, 2, 1, 1, 0, 0]
-    assert list(ranking(np.zeros(4))) == [3, 2, 1, 0]
-    row = np.array([[1.0, 2.0, 2.0, 2.0, 0.0]])  # a tie straddling the top-2 boundary
-    assert topk_indices(row, 2).tolist() == [[3, 2]] and topk_indices(row, 9).tolist() == [[3, 2, 1, 0, 4]]
-    assert_recall_equal(rec, brute_recall(s, img2txt, txt2img))
-
-
-def test_rank_beyond_ten_and_image_without_captions() -> None:
-    img2txt, txt2img = gt_from_counts([1, 0, 13])
-    n_t = len(txt2img)
-    s = np.arange(3 * n_t, dtype=np.float64).reshape(3, n_t)  # rows ascending: last text ranks first
-    rec = recall_metrics(s, img2txt, txt2img)
-    # image 0: its caption 0 is last of 14 -> rank 13 (miss); image 1 has no caption -> miss; image 2: caption 13 -> 0
-    assert rec.tr_r1 == rec.tr_r10 == pytest.approx(100 / 3)
-    assert_recall_equal(rec, brute_recall(s, img2txt, txt2img))
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_recall_matches_brute_force_random(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    n_i = int(rng.integers(1, 25))
-    counts = rng.integers(1, 6, size=n_i)
-    img2txt, txt2img = gt_from_counts(counts)
-    n_t = len(txt2img)
-    kind = seed % 3
-    if kind == 0:
-        s = rng.normal(size=(n_i, n_t))
-    elif kind == 1:
-        s = rng.integers(0, 3, size=(n_i, n_t)).astype(np.float32)  # many ties
-    else:  # rerank-like: a few candidates, the rest -100
-        s = np.full((n_i, n_t), NON_CANDIDATE)
-        mask = rng.random((n_i, n_t)) < 0.3
-        s[mask] = rng.normal(size=int(mask.sum()))
-    s_t2i = None
-    if seed % 2:  # a separate text->image matrix, as rerank produces
-        s_t2i = np.where(rng.random((n_t, n_i)) < 0.5, rng.normal(size=(n_t, n_i)), NON_CANDIDATE)
-    rec = recall_metrics(s, img2txt, txt2img, s_t2i)
-    assert_recall_equal(rec, brute_recall(s, img2txt, txt2img, s_t2i))
-    k = int(rng.integers(1, n_t + 2))
-    top = topk_indices(s, k)
-    for i in range(n_i):
-        assert list(top[i]) == list(ranking(s[i])[:k])
-
-
-def test_recall_rejects_bad_input() -> None:
-    img2txt, txt2img = gt_from_counts([1, 1])
-    with pytest.raises(InvalidInputError, match="NaN"):
-        recall_metrics(np.array([[np.nan, 0.0], [0.0, 1.0]]), img2txt, txt2img)
-    with pytest.raises(InvalidInputError, match="img2txt"):
-        recall_metrics(np.zeros((3, 2)), img2txt, txt2img)
-    with pytest.raises(InvalidInputError, match="scores_t2i"):
-        recall_metrics(np.zeros((2, 2)), img2txt, txt2img, np.zeros((3, 2)))
-    with pytest.raises(InvalidInputError, match="txt2img"):
-        recall_metrics(np.zeros((2, 2)), img2txt, [0, 5])
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_group_accuracy_matches_brute_force(seed: int) -> None:
-    rng = np.random.default_rng(100 + seed)
-    n_i = 10
-    img2txt, txt2img = gt_from_counts(rng.integers(1, 4, size=n_i))
-    groups = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3]  # group 2 has one image: skipped
-    s = rng.integers(0, 4, size=(n_i, len(txt2img))).astype(np.float64)
-    s_t2i = rng.integers(0, 4, size=(len(txt2img), n_i)).astype(np.float64)
-    got = group_accuracy(s, img2txt, txt2img, groups, s_t2i)
-    assert got is not None and got.groups == 3
-    annotated = np.zeros((len(txt2img), n_i), dtype=bool)
-    annotated[np.arange(len(txt2img)), txt2img] = True  # without objects, true = the annotated image
-    want = brute_group(s, s_t2i, img2txt, groups, annotated)
-    assert (got.t2i, got.t2i_chance, got.i2t, got.i2t_chance) == pytest.approx(want)
-    assert group_accuracy(s, img2txt, txt2img, list(range(n_i)), s_t2i) is None
-
-
-def brute_group(
-    s_i2t: np.ndarray, s_t2i: np.ndarray, img2txt: list[list[int]], groups: list[int], true: np.ndarray
-) -> tuple[float, float, float, float]:
-    t_hit, t_ch, i_hit, i_ch = [], [], [], []
-    for i, g in enumerate(groups):
-        members = [j for j, h in enumerate(groups) if h == g]
-        if len(members) < 2:
-            continue
-        caps = sorted(c for j in members for c in img2txt[j])
-        for t in img2txt[i]:
-            if all(true[t, j] for j in members):
-                continue
-            best = max(members, key=lambda j: (s_t2i[t, j], j))
-            t_hit.append(bool(true[t, best]))
-            t_ch.append(np.mean([true[t, j] for j in members]))
-        if all(true[c, i] for c in caps):
-            continue
-        top = max(caps, key=lambda c: (s_i2t[i, c], c))
-        i_hit.append(bool(true[top, i]))
-        i_ch.append(np.mean([true[c, i] for c in caps]))
-    return (float(np.mean(t_hit)), float(np.mean(t_ch)), float(np.mean(i_hit)), float(np.mean(i_ch)))
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_group_accuracy_with_truth_matches_brute_force(seed: int) -> None:
-    """A pick is right when the caption is true of the picked image (siblings share true captions)."""
-    rng = np.random.default_rng(200 + seed)
-    n_i = 10
-    img2txt, txt2img = gt_from_counts(rng.integers(1, 4, size=n_i))
-    groups = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3]
-    n_t = len(txt2img)
-    true = rng.random((n_t, n_i)) < 0.35
-    true[np.arange(n_t), txt2img] = True  # a caption is true of its own image
-    s = rng.integers(0, 4, size=(n_i, n_t)).astype(np.float64)
-    s_t2i = rng.integers(0, 4, size=(n_t, n_i)).astype(np.float64)
-    got = group_accuracy(s, img2txt, txt2img, groups, s_t2i, truth=lambda t, i: bool(true[t, i]))
-    assert got is not None
-    want = brute_group(s, s_t2i, img2txt, groups, true)
-    assert (got.t2i, got.t2i_chance, got.i2t, got.i2t_chance) == pytest.approx(want)
-    # a sibling that makes the caption true is a right pick, not an error as under the annotation rule
-    plain = group_accuracy(s, img2txt, txt2img, groups, s_t2i)
-    assert plain is not None and got.t2i >= 0 and (got.t2i, got.i2t) != (plain.t2i, plain.i2t)
-
-
-def test_group_accuracy_perfect_scores() -> None:
-    img2txt, txt2img = gt_from_counts([2, 2, 2, 2])
-    s = np.full((4, 8), -1.0)
-    for i, caps in enumerate(img2txt):
-        s[i, caps] = 1.0
-    got = group_accuracy(s, img2txt, txt2img, [0, 0, 1, 1])
-    assert got is not None
-    assert (got.t2i, got.i2t, got.t2i_chance, got.i2t_chance) == (1.0, 1.0, 0.5, 0.5)
-
-
-# -------------------------------------------------------------------------------------------- data loading
-
-
-def test_load_eval_data_layouts(tmp_path: Path) -> None:
-    for name in ("a.jpg", "b.jpg"):
-        Image.new("RGB", (4, 4)).save(tmp_path / name)
-    # ALBEF train-style: one caption string per record, repeated image -> merged in order
-    (tmp_path / "split.json").write_text(
-        json.dumps(
-            [
-                {"image": "a.jpg", "caption": "one"},
-                {"image": "b.jpg", "caption": ["two", "three"]},
-                {"image": "a.jpg", "caption": "four"},
-            ]
-        )
-    )
-    d = load_eval_data(tmp_path / "split.json")
-    assert d.images == ("a.jpg", "b.jpg") and d.texts == ("one", "four", "two", "three")
-    assert d.txt2img == (0, 0, 1, 1) and d.img2txt == ((0, 1), (2, 3)) and d.groups is None
-    assert d.image_paths[0] == tmp_path / "a.jpg"
-    assert load_eval_data(tmp_path / "split.json", limit=1).texts == ("one", "four")
-    # Karpathy's original dataset_*.json, filtered to the test split
-    (tmp_path / "dataset.json").write_text(
-        json.dumps(
-            {
-                "images": [
-                    {"filepath": "", "filename": "a.jpg", "split": "train", "sentences": [{"raw": "x"}]},
-                    {
-                        "filepath": "",
-                        "filename": "b.jpg",
-                        "split": "test",
-                        "sentences": [{"raw": "y"}, {"raw": "z"}],
-                    },
-                ]
-            }
-        )
-    )
-    d2 = load_eval_data(tmp_path / "dataset.json")
-    assert d2.images == ("b.jpg",) and d2.texts == ("y", "z")
-    (tmp_path / "bad.json").write_text(json.dumps({"nope": 1}))
-    with pytest.raises(CorruptDataError):
-        load_eval_data(tmp_path / "bad.json")
-    with pytest.raises(NotFoundError):
-        load_eval_data(tmp_path / "missing.json")
-    with pytest.raises(InvalidInputError, match="limit"):
-        load_eval_data(tmp_path / "split.json", limit=0)
-
+from .reference import assert_recall_equal, brute_recall
 
 # ---------------------------------------------------------------------------------------------- the modes
 
@@ -410,7 +142,9 @@ def test_logit_fusion_needs_a_dual_encoder_with_a_logit_scale(scenes: Path, dual
 @pytest.mark.parametrize(("k", "fusion"), [(3, "itm"), (5, "itm+itc"), (4, "itm+itc_logit")])
 def test_rerank_matches_independent_computation(scenes: Path, dual, k: int, fusion: str) -> None:  # type: ignore[no-untyped-def]
     cross = FakeCross()
-    report = evaluate(None, scenes, None, dual, cross, ["dual", "rerank"], k, 64, fusion=fusion)
+    report = evaluate(
+        None, scenes, None, dual, cross, ["dual", "rerank"], k, 64, fusion=fusion, truth=caption_matches
+    )
     data = load_eval_data(scenes)
     sims, _f, s_i2t, s_t2i, pairs = expected_matrices(data, dual, cross, k, fusion)
     n_i, n_t = sims.shape
@@ -427,13 +161,14 @@ def test_rerank_matches_independent_computation(scenes: Path, dual, k: int, fusi
     # the scenes JSON has groups and drawn objects: hard-negative accuracy is reported, computed on the same
     # matrices, judging a pick by whether the caption is true of the picked image
     assert data.groups is not None and data.objects is not None
-    truth = data.truth()
+    truth = data.pair_truth(caption_matches)
     assert truth is not None
     objs = [[SceneObject(**o) for o in per] for per in data.objects]
     for t in range(0, n_t, 7):
         for i in range(n_i):
             assert truth(t, i) == (data.txt2img[t] == i or caption_matches(data.texts[t], objs[i]))
-    assert all(truth(t, data.txt2img[t]) for t in range(n_t))
+    # every generated caption is true of its own image by the scenes' own judgement (not by construction)
+    assert all(caption_matches(data.texts[t], objs[data.txt2img[t]]) for t in range(n_t))
     want_g = group_accuracy(s_i2t, data.img2txt, data.txt2img, data.groups, s_t2i, truth=truth)
     assert rr.group is not None and want_g is not None
     assert (rr.group.t2i, rr.group.i2t, rr.group.t2i_chance) == pytest.approx(
@@ -585,3 +320,26 @@ def test_cli_json_keys(scenes: Path, tiny_collection, monkeypatch: pytest.Monkey
     # all_pairs over the cap is refused with one line
     code, _out, err = _run_cli([*args, "--max-all-pairs", "10"], monkeypatch, capsys)
     assert code == 2 and "cap" in err
+
+
+def test_group_accuracy_judges_by_truth_only_when_given_a_truth_function(scenes: Path, dual) -> None:  # type: ignore[no-untyped-def]
+    data = load_eval_data(scenes)
+    assert data.groups is not None
+    sizes = {g: data.groups.count(g) for g in set(data.groups)}
+    in_groups = sum(len(data.img2txt[i]) for i, g in enumerate(data.groups) if sizes[g] > 1)
+    plain = evaluate(None, scenes, None, dual, None, ["dual"], 4, 64).result("dual").group
+    judged = (
+        evaluate(None, scenes, None, dual, None, ["dual"], 4, 64, truth=caption_matches).result("dual").group
+    )
+    assert plain is not None and judged is not None
+    assert plain.texts == in_groups  # annotation rule: every caption of a 2+ group is a choice
+    assert judged.texts < plain.texts  # captions true of every sibling decide nothing
+    calls: list[str] = []
+
+    def never(caption: str, objects: Sequence[dict]) -> bool:
+        calls.append(caption)
+        return False
+
+    # a truth function that only its own image satisfies gives the annotation rule's numbers
+    same = evaluate(None, scenes, None, dual, None, ["dual"], 4, 64, truth=never).result("dual").group
+    assert calls and same == plain

@@ -1,0 +1,146 @@
+"""Open collections: name → handle (opened once, refreshed to newer committed versions), listing, item
+rows and thumbnails."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from alignfuse.errors import AlignfuseError, InvalidInputError, NotFoundError
+from alignfuse.index.collection import Collection, is_collection
+from alignfuse.index.manifest import Manifest
+from alignfuse.index.types import Item, Modality
+
+from ..images import load_image_file, resolve_uri, thumbnail_jpeg
+from ..types import CollectionInfo, ItemInfo
+from .handles import Handle, check_collection_name, check_item_id
+from .lifecycle import EngineBase
+
+log = logging.getLogger(__name__)
+
+
+class CollectionsMixin(EngineBase):
+    def _handle(self, name: str) -> Handle:
+        """The open collection ``name`` (opened on first use, refreshed when a check is due). Blocking I/O."""
+        check_collection_name(name)
+        self.require_ready()
+        assert self.dual is not None
+        with self._handles_lock:
+            h = self._handles.get(name)
+        if h is not None:
+            self._maybe_refresh(h)
+            return h
+        path = self.root / name
+        if not is_collection(path):
+            raise NotFoundError(f"no collection named {name!r}", detail={"collection": name})
+        coll = Collection.open(path, encoder=self.dual.info)
+        with self._handles_lock:
+            h = self._handles.get(name)
+            if h is None:
+                h = self._handles[name] = Handle(coll)
+            else:
+                coll.close()
+        return h
+
+    def _cached_handle(self, name: str) -> Handle | None:
+        """The open handle when no refresh check is due (no I/O: safe on the event loop), else None."""
+        h = self._handles.get(name)
+        if h is None or self._closed:
+            return None
+        if time.monotonic() - h.checked >= self.settings.refresh_interval_s:
+            return None
+        self.require_ready()
+        return h
+
+    def _maybe_refresh(self, h: Handle, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - h.checked < self.settings.refresh_interval_s:
+            return
+        if not h.refresh_lock.acquire(blocking=force):
+            return  # another thread is refreshing; serve the committed version we have
+        try:
+            h.checked = now
+            if h.coll.refresh():
+                log.info("collection %s now at version %d", h.coll.path.name, h.coll.version)
+        finally:
+            h.refresh_lock.release()
+
+    @staticmethod
+    def _info(name: str, manifest: Manifest, compatible: bool, error: str | None) -> CollectionInfo:
+        return CollectionInfo(
+            name=name,
+            version=manifest.version,
+            images=manifest.count("image"),
+            texts=manifest.count("text"),
+            dim=manifest.dim,
+            dual_encoder=manifest.encoder.spec,
+            reranker=None if manifest.reranker is None else manifest.reranker.spec,
+            index_key=manifest.index_key,
+            feature_cache=manifest.features is not None,
+            compatible=compatible,
+            error=error,
+        )
+
+    def list_collections(self) -> list[CollectionInfo]:
+        self.require_ready()
+        out = []
+        for name, manifest in self._manifests():
+            try:
+                out.append(self.collection_info(name))
+            except AlignfuseError as exc:
+                out.append(self._info(name, manifest, False, exc.message))
+        return out
+
+    def collection_info(self, name: str) -> CollectionInfo:
+        h = self._handle(name)
+        return self._info(name, h.coll.manifest, True, None)
+
+    @staticmethod
+    def _item_info(it: Item) -> ItemInfo:
+        return ItemInfo(
+            id=it.id,
+            kind=it.kind,
+            uri=it.uri,
+            caption=it.text,
+            metadata=dict(it.metadata),
+            state=it.state,
+            version_added=it.version_added,
+        )
+
+    def _live_item(self, name: str, item_id: int) -> tuple[Handle, Item]:
+        check_item_id(name, item_id)
+        h = self._handle(name)
+        it = h.coll.get(int(item_id))
+        if it.state != "live":
+            raise NotFoundError(f"item {item_id} of {name!r} was deleted", detail={"id": item_id})
+        return h, it
+
+    def get_item(self, name: str, item_id: int) -> ItemInfo:
+        return self._item_info(self._live_item(name, item_id)[1])
+
+    def list_items(
+        self, name: str, *, kind: Modality | None = None, offset: int = 0, limit: int = 100
+    ) -> list[ItemInfo]:
+        h = self._handle(name)
+        return [self._item_info(it) for it in h.coll.list(kind=kind, offset=offset, limit=limit)]
+
+    def thumbnail(self, name: str, item_id: int, size: int | None = None) -> bytes:
+        """A JPEG of an image item's own stored file (its recorded uri), at most ``size`` px per side."""
+        lim = self.settings.limits
+        size = lim.thumbnail_size if size is None else size
+        if not 16 <= size <= 1024:
+            raise InvalidInputError("size must be in [16, 1024]", detail={"min": 16, "max": 1024})
+        h, it = self._live_item(name, item_id)
+        if it.kind != "image":
+            raise NotFoundError(
+                f"item {item_id} of {name!r} is a text; it has no thumbnail", detail={"id": item_id}
+            )
+        key = (str(h.coll.path), it.id, it.sha256, size)
+        hit = self._thumbs.get(key)
+        if hit is not None:
+            return hit
+        path = resolve_uri(it.uri, h.coll.path)
+        img = load_image_file(path, max_pixels=lim.max_pixels, max_bytes=lim.max_request_bytes)
+        data = thumbnail_jpeg(img, size)
+        self._thumbs.put(key, data)
+        return data

@@ -1,0 +1,249 @@
+"""The engine's state and lifecycle: models, device workers, the I/O pool, admission (concurrency limit).
+
+:class:`EngineBase` holds everything the other parts of the engine share; the parts (open collections,
+rerank inputs, the search stages, ingestion) are mixins over it, combined by
+:class:`~alignfuse.service.engine.SearchEngine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from alignfuse.errors import (
+    AlignfuseError,
+    InvalidInputError,
+    ModelUnavailableError,
+    NotReadyError,
+    OverloadedError,
+)
+from alignfuse.index.manifest import Manifest
+from alignfuse.models.base import CrossEncoder, DualEncoder
+from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
+
+from ..batching import BatchConfig, DeviceWorker
+from ..metrics import Metrics
+from ..settings import Settings
+from ..types import ModelsInfo
+from .caches import ThumbnailLRU, TokenLRU
+from .handles import Handle, scan_manifests
+from .kernels import BULK_CHUNK, CrossKernels, DualKernels, RerankJob
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineBase:
+    """Owns the models, one device worker per model, the I/O thread pool and the concurrency limit."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        dual_encoder: DualEncoder | None = None,
+        cross_encoder: CrossEncoder | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.root = Path(settings.collections).expanduser()
+        self.dual: DualEncoder | None = dual_encoder
+        self.cross: CrossEncoder | None = cross_encoder
+        self._dual_worker: DeviceWorker | None = None
+        self._cross_worker: DeviceWorker | None = None
+        self._handles: dict[str, Handle] = {}
+        self._handles_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="alignfuse-io")
+        self._tokens = TokenLRU(settings.models.rerank_memory_cache_mb * 1024 * 1024)
+        self._thumbs = ThumbnailLRU()
+        self._inflight = 0
+        self._device_lock = threading.Lock()  # both models sit on settings.models.device
+        self._inflight_lock = threading.Lock()
+        self._ready = threading.Event()
+        self.load_error: AlignfuseError | None = None
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def _manifests(self) -> list[tuple[str, Manifest]]:
+        return scan_manifests(self.root)
+
+    def model_specs(self) -> tuple[str, str | None]:
+        """(dual-encoder spec, reranker spec or None): from the settings, else from the collections'
+        manifests (the dual encoder most collections were built with). InvalidInputError when neither."""
+        ms = self.settings.models
+        manifests = self._manifests() if ms.dual_encoder is None or ms.reranker is None else []
+        dual = ms.dual_encoder
+        if dual is None:
+            counts = Counter(m.encoder.spec for _, m in manifests)
+            if not counts:
+                raise InvalidInputError(
+                    f"no dual encoder configured and no collection under {self.root} names one; "
+                    "set --model / ALIGNFUSE_MODELS__DUAL_ENCODER"
+                )
+            # the dual encoder most collections were built with (ties: alphabetical)
+            dual = min(counts, key=lambda spec: (-counts[spec], spec))
+            if len(counts) > 1:
+                log.warning("collections use several dual encoders %s; serving with %s", dict(counts), dual)
+        reranker: str | None = ms.reranker
+        if reranker is None:
+            rr = Counter(
+                m.reranker.spec for _, m in manifests if m.reranker is not None and m.encoder.spec == dual
+            )
+            reranker = min(rr, key=lambda spec: (-rr[spec], spec)) if rr else None
+        elif reranker.strip().lower() in ("none", "off", ""):
+            reranker = None
+        return dual, reranker
+
+    def load(self) -> None:
+        """Load (unless injected) and warm the models, start the device workers. Idempotent."""
+        if self.ready:
+            return
+        try:
+            ms = self.settings.models
+            if self.dual is None:
+                dual_spec, rr_spec = self.model_specs()
+                log.info("loading dual encoder %s on %s (%s)", dual_spec, ms.device, ms.precision)
+                self.dual = create_dual_encoder(dual_spec, ms.device, ms.precision)
+                if rr_spec is not None:
+                    log.info("loading reranker %s", rr_spec)
+                    self.cross = create_cross_encoder(rr_spec, ms.device, ms.precision)
+            self._start_workers()
+            if ms.warmup:
+                self._warmup()
+        except AlignfuseError as exc:
+            self.load_error = exc
+            log.error("engine failed to load: %s", exc.message)
+            raise
+        except Exception as exc:
+            self.load_error = ModelUnavailableError(f"{type(exc).__name__}: {exc}")
+            log.exception("engine failed to load")
+            raise self.load_error from exc
+        self._ready.set()
+        self.metrics.ready.set(1)
+        log.info("engine ready: %s", self.models_info())
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.load)
+
+    def _start_workers(self) -> None:
+        b = self.settings.batching
+        assert self.dual is not None
+        cfg = BatchConfig(
+            max_batch=b.max_batch,
+            max_wait_s=b.max_wait_ms / 1000.0 if b.max_batch > 1 else 0.0,
+            queue_size=b.queue_size,
+            max_cost={"texts": max(b.max_batch, 1), "images": max(b.max_batch, 1)},
+        )
+        dk = DualKernels(self.dual)
+        self._dual_worker = DeviceWorker(
+            "dual",
+            {"texts": dk.texts, "images": dk.images},
+            cfg,
+            on_batch=self.metrics.on_batch,
+            announced=True,
+            device_lock=self._device_lock,
+        )
+        self._dual_worker.start()
+        self.metrics.track_queue("dual", lambda: float(self._dual_worker.depth if self._dual_worker else 0))
+        if self.cross is not None:
+            ck = CrossKernels(self.cross, b.max_pairs)
+            ccfg = replace(cfg, max_cost={"rerank": b.max_pairs, "tokens": BULK_CHUNK})
+            self._cross_worker = DeviceWorker(
+                "cross",
+                {"rerank": ck.rerank, "tokens": ck.tokens},
+                ccfg,
+                on_batch=self.metrics.on_batch,
+                announced=True,
+                device_lock=self._device_lock,
+            )
+            self._cross_worker.start()
+            self.metrics.track_queue(
+                "cross", lambda: float(self._cross_worker.depth if self._cross_worker else 0)
+            )
+
+    def _warmup(self) -> None:
+        assert self.dual is not None and self._dual_worker is not None
+        timeout = max(60.0, self.settings.limits.request_timeout_s)
+        self._dual_worker.run_sync("texts", ["warm up"], timeout=timeout)
+        blank = Image.new("RGB", (32, 32), (127, 127, 127))
+        self._dual_worker.run_sync("images", self.dual.image_transform(blank).unsqueeze(0), timeout=timeout)
+        if self.cross is not None and self._cross_worker is not None:
+            px = self.cross.image_transform(blank).unsqueeze(0)
+            self._cross_worker.run_sync("rerank", RerankJob(("warm up",), None, px), cost=1, timeout=timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ready.clear()
+        self.metrics.ready.set(0)
+        for w in (self._dual_worker, self._cross_worker):
+            if w is not None:
+                w.stop()
+        with self._handles_lock:
+            for h in self._handles.values():
+                try:
+                    h.coll.close()
+                except Exception:  # pragma: no cover - closing must not raise
+                    log.exception("closing collection failed")
+            self._handles.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def require_ready(self) -> None:
+        if self._closed:
+            raise NotReadyError("the engine is shut down")
+        if self.load_error is not None:
+            raise NotReadyError(f"models failed to load: {self.load_error.message}")
+        if not self.ready:
+            raise NotReadyError("models are still loading; retry shortly")
+
+    def models_info(self) -> ModelsInfo:
+        if self.dual is None:
+            raise NotReadyError("models are still loading")
+        return ModelsInfo(
+            dual_encoder=self.dual.info.spec,
+            dual_encoder_id=self.dual.info.id,
+            reranker=None if self.cross is None else self.cross.info.spec,
+            reranker_id=None if self.cross is None else self.cross.info.id,
+            device=self.settings.models.device,
+            precision=self.settings.models.precision,
+            default_fusion=None if self.cross is None else self.cross.info.default_fusion,
+        )
+
+    def _itc_logit_scale(self) -> float | None:
+        return None if self.dual is None else self.dual.info.itc_logit_scale
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking work (disk, SQLite, FAISS, image decoding) on the I/O pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+
+    # -- admission -----------------------------------------------------------------------------------
+    def _enter(self) -> None:
+        with self._inflight_lock:
+            if self._inflight >= self.settings.batching.max_concurrent_requests:
+                self.metrics.rejected.labels("concurrency").inc()
+                raise OverloadedError(
+                    f"too many concurrent searches ({self._inflight})",
+                    retry_after=self._dual_worker.retry_after() if self._dual_worker else 1.0,
+                )
+            self._inflight += 1
+        self.metrics.in_flight.inc()
+
+    def _leave(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+        self.metrics.in_flight.dec()
