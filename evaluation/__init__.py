@@ -2,13 +2,15 @@
 
 Modules: :mod:`.metrics` (ranks, recall, top-k, group accuracy; numpy only), :mod:`.data` (the split, read by
 :func:`alignfuse.data.karpathy.read_karpathy`, and the truth function type), :mod:`.scoring` (dual embeddings,
-stored embeddings, the pair scorer), :mod:`.protocol` (the modes, :func:`evaluate`, the report).
+stored embeddings, the pair scorer), :mod:`.protocol` (the modes, :func:`evaluate`, the report), :mod:`.grounding` (the pointing game of
+grounding heatmaps).
 
 May import ``index`` (stored embeddings), ``data`` (dataset readers) and ``models``; never ``service``. It knows
 no dataset's semantics: the caller passes a truth function (the scenes' ``caption_matches``) when it has one.
 """
 
 from alignfuse.evaluation.data import EvalData, TruthFn, load_eval_data
+from alignfuse.evaluation.grounding import PointingCase, PointingResult, pointing_cases, pointing_game
 from alignfuse.evaluation.metrics import (
     RECALL_KEYS,
     GroupAccuracy,
@@ -49,11 +51,15 @@ __all__ = [
     "Mode",
     "ModeResult",
     "PairTruth",
+    "PointingCase",
+    "PointingResult",
     "Recall",
     "TruthFn",
     "evaluate",
     "group_accuracy",
     "load_eval_data",
+    "pointing_cases",
+    "pointing_game",
     "ranking",
     "ranks_i2t",
     "ranks_of",

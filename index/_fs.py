@@ -128,9 +128,16 @@ class WriterLock:
                 holder = os.pread(fd, 64, 0).decode().strip()
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                what_to_do = (
+                    f"wait for it to finish, or stop it (kill {holder}) and re-run: a killed writer's "
+                    "commits are kept and a build resumes"
+                    if holder.isdigit()
+                    else "wait for it to finish and try again"
+                )
                 raise ConflictError(
                     f"collection {self.path.parent} is being written by another writer"
-                    + (f" (pid {holder})" if holder else ""),
+                    + (f" (pid {holder})" if holder else "")
+                    + f": {what_to_do}",
                     detail={"pid": int(holder) if holder.isdigit() else None},
                 ) from None
             raise

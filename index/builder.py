@@ -1,23 +1,26 @@
 """Streaming builder: sources → (DataLoader workers: read, hash, decode, transform) → batched encoding →
 segments committed every ``commit_every`` items. A killed build resumes: items whose content sha256 is
-already committed are skipped before decoding/encoding."""
+already committed are skipped before decoding/encoding.
+
+Images are decoded by the one decoder every path uses (:func:`alignfuse.index.images.decode_image`: pixel
+limit before decoding, EXIF orientation). A file that fails is reported and skipped with its captions. A
+first build that fails (an exception, or nothing committed while items failed) removes the collection it
+created; a killed one leaves what it committed, to be resumed. Worker processes die with the build
+(``PR_SET_PDEATHSIG`` on Linux, and a parent-pid check)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import io
 import logging
+import os
 import time
-import warnings
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -30,15 +33,19 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from alignfuse.errors import ConflictError, InvalidInputError, NotFoundError
+from alignfuse.errors import AlignfuseError, ConflictError, InvalidInputError, NotFoundError
 from alignfuse.models.base import CrossEncoder, DualEncoder, ImageTransform
 
-from ._fs import close_inherited_lock
-from .collection import Collection, CollectionWriter, ShaLookup, is_collection
+from ._fs import WriterLock, rmtree_quiet
+from ._loading import _collate, _ItemDataset, _Record, _spans, _worker_init
+from .collection import Collection, CollectionWriter, is_collection
+from .images import DEFAULT_MAX_PIXELS
+from .manifest import Manifest
 from .options import IndexOptions
-from .sources import Source, SourceItem, text_sha256
+from .segments import LOCK_FILE, MANIFEST
+from .sources import Source, SourceItem
 from .types import NewItem
 
 
@@ -61,7 +68,7 @@ class BuildOptions:
     progress: bool = True
     draft: bool = True
     merge_at_end: bool = True
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     prefetch_factor: int = 2
 
 
@@ -80,6 +87,7 @@ class BuildReport:
     commits: int
     total_seen: int
     features_added: int = 0
+    removed: bool = False  # a first build that committed nothing while items failed: its collection removed
 
     @property
     def items_per_second(self) -> float:
@@ -90,126 +98,6 @@ class BuildReport:
 # implementation
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Record:
-    index: int
-    kind: str
-    status: str  # ok | skipped | failed
-    sha256: str = ""
-    reason: str = ""
-    pixels: tuple[torch.Tensor, ...] = ()
-
-
-@dataclass
-class _Batch:
-    records: list[_Record]
-    pixels: tuple[torch.Tensor, ...]  # per transform: [n_ok_images, 3, H, W] in record order
-
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class _ItemDataset(Dataset[_Record]):
-    """Reads, hashes, decodes and transforms one source item (in a DataLoader worker process)."""
-
-    def __init__(
-        self,
-        items: Sequence[SourceItem],
-        transforms: Sequence[ImageTransform],
-        draft_size: int,
-        lookup: ShaLookup,
-        options: BuildOptions,
-    ) -> None:
-        self.items = list(items)
-        self.transforms = list(transforms)
-        self.draft_size = draft_size
-        self.lookup = lookup
-        self.draft = options.draft
-        self.max_pixels = options.max_image_pixels
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> _Record:
-        it = self.items[i]
-        if it.kind == "text":
-            return _Record(i, "text", "ok", sha256=it.sha256 or text_sha256(it.text or ""))
-        if it.path is None:
-            return _Record(i, "image", "failed", reason="no path")
-        try:
-            data = it.path.read_bytes()
-        except FileNotFoundError:
-            return _Record(i, "image", "failed", reason="file not found")
-        except OSError as exc:
-            return _Record(i, "image", "failed", reason=f"unreadable: {exc.strerror or exc}")
-        if not data:
-            return _Record(i, "image", "failed", reason="empty file (0 bytes)")
-        sha = _sha256_bytes(data)
-        if self.lookup.known([sha]):
-            return _Record(i, "image", "skipped", sha256=sha)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img: Image.Image = Image.open(io.BytesIO(data))
-                w, h = img.size
-                if w * h > self.max_pixels:
-                    return _Record(i, "image", "failed", sha, f"image too large ({w}x{h} pixels)")
-                if self.draft and img.format == "JPEG":
-                    img.draft("RGB", (self.draft_size, self.draft_size))
-                img = img.convert("RGB")
-        except UnidentifiedImageError:
-            return _Record(i, "image", "failed", sha, "not an image (unrecognised format)")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            return _Record(i, "image", "failed", sha, f"image too large: {exc}")
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            msg = str(exc) or type(exc).__name__
-            kind = "truncated image" if "truncat" in msg.lower() else "corrupt image"
-            return _Record(i, "image", "failed", sha, f"{kind}: {msg}")
-        try:
-            pixels = tuple(t(img) for t in self.transforms)
-        except Exception as exc:  # a transform failing on one odd image must not stop the build
-            return _Record(i, "image", "failed", sha, f"transform failed: {exc}")
-        return _Record(i, "image", "ok", sha, pixels=pixels)
-
-
-def _collate(records: list[_Record]) -> _Batch:
-    with_pixels = [r for r in records if r.pixels]
-    stacked: tuple[torch.Tensor, ...] = ()
-    if with_pixels:
-        stacked = tuple(
-            torch.stack([r.pixels[j] for r in with_pixels]) for j in range(len(with_pixels[0].pixels))
-        )
-    for r in records:
-        r.pixels = ()
-    return _Batch(records, stacked)
-
-
-def _worker_init(lock_fd: int | None, _: int) -> None:
-    torch.set_num_threads(1)
-    close_inherited_lock(lock_fd)  # a SIGKILLed build must not leave its lock held by its workers
-
-
-def _spans(items: Sequence[SourceItem], images_per_batch: int, max_items: int) -> list[list[int]]:
-    """Contiguous spans of source indices holding ``images_per_batch`` images (captions ride along with
-    their image), capped at ``max_items`` items. Deterministic: a resumed build sees the same spans."""
-    spans: list[list[int]] = []
-    cur: list[int] = []
-    n_img = 0
-    for i, it in enumerate(items):
-        if it.kind == "image" and (n_img >= images_per_batch or len(cur) >= max_items):
-            spans.append(cur)
-            cur, n_img = [], 0
-        elif it.kind == "text" and len(cur) >= max_items and n_img == 0:
-            spans.append(cur)
-            cur = []
-        cur.append(i)
-        n_img += it.kind == "image"
-    if cur:
-        spans.append(cur)
-    return spans
 
 
 class _Rate(ProgressColumn):
@@ -253,37 +141,96 @@ def build_collection(
         raise InvalidInputError("batch_size must be >= 1, num_workers >= 0, commit_every >= 0")
     if opts.rerank_cache and cross_encoder is None:
         raise InvalidInputError("--rerank-cache needs a reranker (--reranker SPEC)")
+    if opts.rerank_cache and cross_encoder is not None and not cross_encoder.info.image_states_cacheable:
+        raise InvalidInputError(
+            f"--rerank-cache: {cross_encoder.info.spec} has no image states to cache (single-stream: every pair "
+            "is a full pass from the pixels); build without --rerank-cache, it reranks from the image files"
+        )
     t0 = time.perf_counter()
     root = Path(path)
     srcs: list[Source] = [sources] if isinstance(sources, Source) else list(sources)  # type: ignore[list-item]
+    if must_exist and not is_collection(root):
+        raise NotFoundError(f"collection not found: {root} (create it with `alignfuse build`)")
+    items: list[SourceItem] = []
+    for s in srcs:  # parsed before anything is created: a source that raises leaves nothing behind
+        items.extend(s.items())
+    failed: list[tuple[str, str]] = []
+    for s in srcs:
+        failed.extend(s.problems)
+    existed = root.exists()
+    created = False
     if not is_collection(root):
-        if must_exist:
-            raise NotFoundError(f"collection not found: {root} (create it with `alignfuse build`)")
-        with contextlib.suppress(ConflictError):
+        try:
             Collection.create(
                 root,
                 encoder.info,
                 options=opts.index,
                 reranker=cross_encoder.info if cross_encoder is not None and opts.rerank_cache else None,
             ).close()
-    items: list[SourceItem] = []
-    for s in srcs:
-        items.extend(s.items())
-    failed: list[tuple[str, str]] = []
-    for s in srcs:
-        failed.extend(s.problems)
+            created = True
+        except ConflictError:
+            if not is_collection(root):  # not a concurrent creation: a file, a folder of other things
+                raise
     cross = cross_encoder if opts.rerank_cache else None
-    with CollectionWriter(root, opts.index) as writer:
-        writer.check_encoder(encoder.info)
-        wanted_key = opts.index.index_key
-        if wanted_key is not None and wanted_key.strip() != (writer.manifest.index_key or ""):
-            raise InvalidInputError(
-                f"--index-key: collection {root} uses index key {writer.manifest.index_key or 'auto'!r}; "
-                f"change it with `alignfuse compact {root} --index-key {wanted_key}`"
-            )
-        if cross is not None and writer.manifest.reranker is not None:
-            writer.manifest.reranker.check(cross.info, what="reranker", collection=str(root))
-        return _run(root, items, failed, encoder, cross, writer, opts, t0)
+    try:
+        with CollectionWriter(root, opts.index) as writer:
+            writer.check_encoder(encoder.info)
+            wanted_key = opts.index.index_key
+            if wanted_key is not None and wanted_key.strip() != (writer.manifest.index_key or ""):
+                raise InvalidInputError(
+                    f"--index-key: collection {root} uses index key {writer.manifest.index_key or 'auto'!r}; "
+                    f"change it with `alignfuse compact {root} --index-key {wanted_key}`"
+                )
+            if cross is not None and writer.manifest.reranker is not None:
+                writer.manifest.reranker.check(cross.info, what="reranker", collection=str(root))
+            report = _run(root, items, failed, encoder, cross, writer, opts, t0)
+    except BaseException:
+        if created:
+            _remove_if_uncommitted(root, keep_folder=existed)
+        raise
+    if (
+        created
+        and report.version == 0
+        and report.failed
+        and _remove_if_uncommitted(root, keep_folder=existed)
+    ):
+        report = replace(report, removed=True)
+    return report
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail fast, before any expensive work, when another writer holds the collection at ``path`` (the
+    lock's ConflictError names its pid and what to do). Nothing to check when no collection is there yet."""
+    root = Path(path)
+    if is_collection(root):
+        WriterLock(root / LOCK_FILE).acquire().release()
+
+
+def _remove_if_uncommitted(root: Path, *, keep_folder: bool) -> bool:
+    """Remove the collection this process created at ``root`` if it is still at version 0 and nobody else
+    writes it (a killed build leaves its commits: it is never here). True when removed."""
+    try:
+        lock = WriterLock(root / LOCK_FILE).acquire()
+    except (ConflictError, OSError):
+        return False
+    try:
+        if Manifest.load(root / MANIFEST).version != 0:
+            return False
+        if keep_folder:  # the folder was the user's (empty: creation refuses strangers): empty it again
+            for p in root.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    rmtree_quiet(p)
+                else:
+                    p.unlink(missing_ok=True)
+        else:
+            rmtree_quiet(root)
+        log.warning("removed the collection %s this build created: nothing was committed", root)
+        return True
+    except (AlignfuseError, OSError) as exc:
+        log.warning("could not remove the uncommitted collection %s: %s", root, exc)
+        return False
+    finally:
+        lock.release()
 
 
 def _run(
@@ -308,11 +255,15 @@ def _run(
         batch_sampler=spans,
         num_workers=opts.num_workers,
         collate_fn=_collate,
-        worker_init_fn=functools.partial(_worker_init, writer.lock_fd) if opts.num_workers > 0 else None,
+        worker_init_fn=(
+            functools.partial(_worker_init, writer.lock_fd, os.getpid()) if opts.num_workers > 0 else None
+        ),
         prefetch_factor=opts.prefetch_factor if opts.num_workers > 0 else None,
         persistent_workers=False,
     )
     start_version = writer.base_version
+    failed_images: dict[str, int] = {}  # uri of an image that failed -> its entry in ``failed``
+    dropped: Counter[str] = Counter()  # uri of an image that failed -> captions skipped with it
     added_images = added_texts = skipped = features_added = 0
     commits = 0
     since_commit = 0
@@ -321,10 +272,14 @@ def _run(
         for batch in loader:
             recs = batch.records
             for r in recs:
+                it = items[r.index]
                 if r.status == "failed":
-                    uri = items[r.index].uri
-                    failed.append((uri, r.reason))
-                    log.warning("skipping %s: %s", uri, r.reason)
+                    failed_images[it.uri] = len(failed)
+                    failed.append((it.name, r.reason))
+                    log.warning("skipping %s: %s", it.name, r.reason)
+                elif it.kind == "text" and it.metadata.get("image_uri") in failed_images:
+                    r.status = "failed"  # a caption goes with its image
+                    dropped[str(it.metadata["image_uri"])] += 1
             skipped += sum(r.status == "skipped" for r in recs)
             ok = [r for r in recs if r.status == "ok"]
             known = writer.known_sha256([r.sha256 for r in ok])
@@ -382,6 +337,9 @@ def _run(
         if writer.pending:
             writer.commit()
             commits += 1
+    for uri, n in dropped.items():
+        name, reason = failed[failed_images[uri]]
+        failed[failed_images[uri]] = (name, f"{reason} (skipped with {n} caption{'s' if n > 1 else ''})")
     ours = [sg.id for sg in writer.manifest.segments if sg.version > start_version]
     if opts.merge_at_end and len(ours) > 1:
         writer.merge(ours)

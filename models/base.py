@@ -111,6 +111,10 @@ class ModelInfo:
     #: dual encoders: the learned contrastive logit scale (1 / temperature; CLIP's ``logit_scale.exp()``,
     #: ALBEF's ``1 / temp``), the factor that turns a cosine into a logit; None where the weights lack it
     itc_logit_scale: float | None = None
+    #: cross-encoders: whether image states exist apart from the text (ALBEF's vision tokens, BLIP's vision
+    #: output) and may be cached per image (feature cache, token LRU). False for single-stream models (ViLT):
+    #: patches and words enter one transformer together, so every pair is a full pass from the pixels.
+    image_states_cacheable: bool = True
 
     @property
     def id(self) -> str:
@@ -222,3 +226,61 @@ class CrossEncoder(Protocol):
         ...
 
     def score(self, text: TextStates, images: ImageStates) -> MatchScores: ...
+
+
+# ---------------------------------------------------------------------------------------------- grounding
+@dataclass(frozen=True)
+class Grounding:
+    """Where a cross-encoder looks for each word of a caption (ALBEF's Grad-CAM on cross-attention).
+
+    ``heatmaps[w]`` is a non-negative float32 grid [rows, cols] over the image's patches (row-major, top
+    left first; the grid covers the whole transformed image, i.e. the original image for squash resizing):
+    the cross-attention of word ``w``'s tokens to each patch at fusion layer ``layer``, times the positive
+    part of the gradient of the ITM "match" logit with respect to that attention, averaged over heads and
+    summed over the word's word pieces. ``tokens`` are the word pieces in order and ``word_of_token`` the
+    index of the word each belongs to."""
+
+    words: tuple[str, ...]
+    heatmaps: np.ndarray  # float32 [n_words, rows, cols]
+    tokens: tuple[str, ...]
+    word_of_token: tuple[int, ...]
+    layer: int
+    logit: float
+    prob: float
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.heatmaps.shape[1]), int(self.heatmaps.shape[2])
+
+
+@runtime_checkable
+class GroundingModel(Protocol):
+    """A cross-encoder that can explain its ITM score (:class:`Grounding`). ``layer`` indexes the fusion
+    layers (0 = the first layer with cross-attention); None = the model's default."""
+
+    def grounding(self, text: str, pixels: torch.Tensor, *, layer: int | None = None) -> Grounding: ...
+
+
+def merge_word_pieces(pieces: Sequence[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """WordPiece tokens → (words, word index of each token): a ``##`` piece continues the previous word.
+
+    >>> merge_word_pieces(["a", "tri", "##ang", "##le"])
+    (('a', 'triangle'), (0, 1, 1, 1))
+    """
+    words: list[str] = []
+    owner: list[int] = []
+    for piece in pieces:
+        if piece.startswith("##") and words:
+            words[-1] += piece[2:]
+        else:
+            words.append(piece)
+        owner.append(len(words) - 1)
+    return tuple(words), tuple(owner)
+
+
+def heatmaps_per_word(token_maps: np.ndarray, word_of_token: Sequence[int], n_words: int) -> np.ndarray:
+    """Sum per-token heatmaps [T, rows, cols] into per-word heatmaps [n_words, rows, cols] (float32)."""
+    out = np.zeros((n_words, *token_maps.shape[1:]), dtype=np.float32)
+    for t, w in enumerate(word_of_token):
+        out[w] += token_maps[t]
+    return out

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from alignfuse.errors import InvalidInputError, ModelUnavailableError
 from alignfuse.models.albef.adapters import SquashTransform
 from alignfuse.models.base import (
+    Grounding,
     ImageStates,
     ImageTransform,
     MatchScores,
@@ -36,6 +37,8 @@ from alignfuse.models.base import (
     Precision,
     Preprocess,
     TextStates,
+    heatmaps_per_word,
+    merge_word_pieces,
     pair_count,
 )
 from alignfuse.models.registry import ModelEntry, ModelSpec, register_family
@@ -49,6 +52,8 @@ BLIP_MODELS = {
     "Salesforce/blip-itm-large-flickr": "BLIP ViT-L ITM fine-tuned on Flickr30K",
 }
 MAX_TEXT_LEN = 35
+#: LAVIS explains BLIP's ITM at text layer 6 (``compute_gradcam(..., block_num=6)``)
+BLIP_GRADCAM_LAYER = 6
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -267,6 +272,64 @@ class BlipCrossEncoder(_BlipBase):
             outs.append(self.model.itm_head(hidden[:, 0, :]).float())
         logits = torch.cat(outs)
         return MatchScores(logits[:, 1].cpu().numpy(), logits.softmax(-1)[:, 1].cpu().numpy())
+
+    def grounding(self, text: str, pixels: torch.Tensor, *, layer: int | None = None) -> Grounding:
+        """Grad-CAM of the ITM "match" logit on text layer ``layer``'s cross-attention (BLIP cross-attends
+        in every text layer; default: LAVIS's ``block_num=6``, never the last layer), heads averaged,
+        positive part, word pieces summed per word (see :class:`~alignfuse.models.base.Grounding`)."""
+        layers = self.model.text_encoder.encoder.layer
+        n = len(layers)
+        if layer is None:
+            layer = max(0, min(BLIP_GRADCAM_LAYER, n - 2))
+        if not 0 <= layer < n:
+            raise InvalidInputError(
+                f"layer must be a text layer index 0..{n - 1}, got {layer}",
+                detail={"field": "layer", "min": 0, "max": n - 1},
+            )
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError("grounding needs a non-empty text", detail={"field": "text"})
+        ids, mask = self._tokens([text])
+        length = int(mask.sum())
+        ids, mask = ids[:, :length], mask[:, :length]
+        captured: list[torch.Tensor] = []
+        hook = layers[layer].crossattention.self.register_forward_hook(
+            lambda _m, _i, out: captured.append(out[1])
+        )
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                # image tokens that require grad put the cross-attention probabilities in the autograd graph
+                tokens = self._vision(pixels[:1]).detach().requires_grad_(True)
+                atts = torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)
+                hidden = self.model.text_encoder(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    encoder_hidden_states=tokens,
+                    encoder_attention_mask=atts,
+                ).last_hidden_state
+                logits = self.model.itm_head(hidden[:, 0, :])[0].float()
+                (probs,) = captured
+                (grad,) = torch.autograd.grad(logits[1], probs)
+        finally:
+            hook.remove()
+        logits = logits.detach()
+        cam = (probs.detach() * grad.clamp(min=0)).mean(dim=1)[0].float()  # [T, 1 + P]
+        p = cam.shape[1] - 1
+        side = round(p**0.5)
+        if side * side != p:
+            raise InvalidInputError(f"image tokens {cam.shape[1]} do not form a square patch grid")
+        # the word pieces: [CLS] ... [SEP] → drop both
+        pieces = self.bundle.tokenizer.convert_ids_to_tokens(ids[0, 1 : length - 1].tolist())
+        words, owner = merge_word_pieces(pieces)
+        maps = cam[1 : length - 1, 1:].reshape(-1, side, side).cpu().numpy().astype(np.float32)
+        return Grounding(
+            words=words,
+            heatmaps=heatmaps_per_word(maps, owner, len(words)),
+            tokens=tuple(pieces),
+            word_of_token=owner,
+            layer=layer,
+            logit=float(logits[1]),
+            prob=float(logits.softmax(-1)[1]),
+        )
 
 
 def _info(spec: ModelSpec, bundle: BlipBundle, kind: str) -> ModelInfo:

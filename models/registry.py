@@ -12,6 +12,7 @@ A spec is one string: ``family:name[@tag]``.
 ``albef:base@/path/file.pth``                local ALBEF checkpoint
 ``albef:/path/config.json@/path/file.pth``   custom ALBEF size + weights
 ``blip:Salesforce/blip-itm-base-coco``       BLIP ITM through transformers (hub id or local directory)
+``vilt:dandelin/vilt-b32-finetuned-coco``    ViLT single-stream ITM through transformers (hub id or dir)
 ``alignfuse:<name>``                         the project's own models shipped in the package
 ===========================================  ==========================================================
 """
@@ -73,6 +74,7 @@ _FAMILY_MODULES = (
     "alignfuse.models.openclip",
     "alignfuse.models.albef",
     "alignfuse.models.blip",
+    "alignfuse.models.vilt",
     "alignfuse.models.builtin",
 )
 _loaded = False
@@ -183,7 +185,7 @@ def create_cross_encoder(
     fam = _family_for(ms)
     if fam.cross is None:
         raise InvalidInputError(
-            f"{ms.raw}: family {fam.name!r} has no cross-encoder (rerankers: albef, blip, alignfuse:scenes-albef)"
+            f"{ms.raw}: family {fam.name!r} has no cross-encoder (rerankers: albef, blip, vilt, alignfuse:scenes-albef)"
         )
     dev = resolve_device(device)
     return fam.cross(ms, dev, _check_precision(precision, dev))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from alignfuse.errors import (
     AlignfuseError,
@@ -97,8 +99,26 @@ def response_for(exc: AlignfuseError) -> JSONResponse:
     elif status > 500:
         log.warning("%s: %s", type(exc).__name__, exc.message)
     return JSONResponse(
-        error_body(exc.code, exc.message, _jsonable(exc.detail)), status_code=status, headers=headers
+        error_body(exc.code, scrub_paths(exc.message), scrub_paths(_jsonable(exc.detail))),
+        status_code=status,
+        headers=headers,
     )
+
+
+# an absolute path of the server's file system inside a message ("collection /srv/c/x was built ...")
+_ABS_PATH = re.compile(r"(?:(?<![\w:/.~-])|file://)/(?:[^\s'\"/]+/)+([^\s'\"/]*)")
+
+
+def scrub_paths(value: Any) -> Any:
+    """Error bodies name files, never where they are on the server: every absolute path in a message (and in
+    the strings of its detail) becomes its last part. The log keeps the full message."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(r"\1", value)
+    if isinstance(value, dict):
+        return {k: scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_paths(v) for v in value]
+    return value
 
 
 # Constraint keys pydantic puts in an error's ctx that describe the allowed range / size.
@@ -153,9 +173,28 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
-    return JSONResponse(
-        error_body(code, message, None), status_code=exc.status_code, headers=dict(exc.headers or {})
-    )
+    headers = dict(exc.headers or {})
+    detail = None
+    if exc.status_code == 405:
+        # starlette names only the methods of the first route that matched the path; a path served by
+        # several routes (GET and POST on .../items) allows the union
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
+            message = f"method {request.method} is not allowed here; allowed: {', '.join(allowed)}"
+            detail = {"allowed": allowed}
+    return JSONResponse(error_body(code, message, detail), status_code=exc.status_code, headers=headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app serves at this path (probed: included routers are nested)."""
+    routes = request.app.router.routes
+    return [
+        m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)
+    ]
 
 
 async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:

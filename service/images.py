@@ -1,4 +1,5 @@
-"""Safe image decoding (size and pixel limits before decoding), uri resolution and thumbnails."""
+"""The service side of images: upload byte limits around the one decoder (``alignfuse.index.images``), uri
+resolution and thumbnails."""
 
 from __future__ import annotations
 
@@ -6,19 +7,22 @@ import io
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from alignfuse.errors import ImageTooLargeError, NotFoundError, PayloadTooLargeError, UnsupportedMediaError
+from alignfuse.errors import NotFoundError, PayloadTooLargeError
+from alignfuse.index.images import FORMATS, check_pixels, decode_image
 
-# Formats we accept (what PIL reports in ``img.format``), and their canonical file extension.
-FORMATS: dict[str, str] = {
-    "JPEG": ".jpg",
-    "PNG": ".png",
-    "WEBP": ".webp",
-    "GIF": ".gif",
-    "BMP": ".bmp",
-    "TIFF": ".tif",
-}
+__all__ = [
+    "FORMATS",
+    "IMAGE_CONTENT_TYPES",
+    "check_pixels",
+    "image_format",
+    "load_image_file",
+    "open_image",
+    "resolve_uri",
+    "thumbnail_jpeg",
+]
+
 IMAGE_CONTENT_TYPES = frozenset(
     {
         "image/jpeg",
@@ -33,51 +37,17 @@ IMAGE_CONTENT_TYPES = frozenset(
 )
 
 
-def check_pixels(img: Image.Image, max_pixels: int, what: str = "image") -> None:
-    """Raise ImageTooLargeError when ``img`` (opened lazily, not decoded yet) is over ``max_pixels``."""
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageTooLargeError(
-            f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
-            detail={"width": w, "height": h, "pixels": w * h, "max_pixels": max_pixels},
-        )
-    if w <= 0 or h <= 0:
-        raise UnsupportedMediaError(f"{what} has an empty size {w}x{h}")
-
-
 def open_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str = "image") -> Image.Image:
-    """Decode ``data`` into an RGB image.
-
-    The byte size is checked first (PayloadTooLargeError), then the header's width x height against
-    ``max_pixels`` *before* any pixel is decoded (ImageTooLargeError: decompression bombs), then the image is
-    decoded (UnsupportedMediaError when it is not a readable image).
-    """
+    """Decode ``data`` into an upright RGB image: the byte size is checked here (PayloadTooLargeError), the
+    rest by the one decoder every path uses, :func:`alignfuse.index.images.decode_image` (pixel limit from
+    the header before decoding: ImageTooLargeError; not a readable image of an accepted format:
+    UnsupportedMediaError; EXIF orientation applied)."""
     if len(data) > max_bytes:
         raise PayloadTooLargeError(
             f"{what} is {len(data)} bytes, over the limit of {max_bytes}",
             detail={"bytes": len(data), "max_bytes": max_bytes},
         )
-    if not data:
-        raise UnsupportedMediaError(f"{what} is empty")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{what} is too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise UnsupportedMediaError(
-            f"{what} is not a decodable image (JPEG, PNG, WebP, GIF, BMP, TIFF)"
-        ) from None
-    if img.format not in FORMATS:
-        raise UnsupportedMediaError(f"{what} has unsupported format {img.format}")
-    check_pixels(img, max_pixels, what)
-    try:
-        img.load()
-        upright: Image.Image = ImageOps.exif_transpose(img) or img
-        return upright.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{what} is too large: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UnsupportedMediaError(f"{what} could not be decoded: {exc}") from None
+    return decode_image(data, max_pixels=max_pixels, what=what)
 
 
 def image_format(data: bytes) -> str | None:

@@ -79,6 +79,21 @@ class Metrics:
         )
         self.in_flight = Gauge("alignfuse_searches_in_flight", "Searches being served now.", registry=r)
         self.ready = Gauge("alignfuse_ready", "1 once models are loaded and warm.", registry=r)
+        self.expected_wait = Gauge(
+            "alignfuse_admission_expected_wait_seconds",
+            "Expected wait of a new search (in flight × measured device seconds per search).",
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "alignfuse_event_loop_lag_seconds",
+            "How late the event loop wakes up (EWMA); part of a new search's expected wait.",
+            registry=r,
+        )
+        self.search_cost = Gauge(
+            "alignfuse_admission_search_cost_seconds",
+            "Measured device seconds per search (EWMA), the admission's capacity estimate.",
+            registry=r,
+        )
 
     def on_batch(self, ev: BatchEvent) -> None:
         self.batch_size.labels(ev.worker, ev.kind).observe(ev.size)

@@ -54,6 +54,10 @@ class BatchingSettings(_Section):
     max_pairs: int = Field(default=1024, ge=1, le=65536)
     queue_size: int = Field(default=256, ge=1, le=100_000)
     max_concurrent_requests: int = Field(default=256, ge=1, le=100_000)
+    max_queue_wait_ms: float = Field(default=1000.0, ge=0.0, le=600_000.0)
+    """Admission by capacity: a search is rejected at once (429 + Retry-After) when its expected wait (the
+    searches in flight × the measured device time per search) is over this; 0 turns the check off.
+    ``max_concurrent_requests`` stays a hard cap (``ALIGNFUSE_BATCHING__MAX_QUEUE_WAIT_MS``)."""
 
 
 class LimitSettings(_Section):
@@ -96,6 +100,10 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     api_key: SecretStr | None = None
     require_key_for_reads: bool = False
+    cors_origins: tuple[str, ...] = ()
+    """Origins a browser may call the API from (CORS); empty (the default): CORS off, only the server's own
+    web page. E.g. ``ALIGNFUSE_CORS_ORIGINS='["https://app.example.org"]'``; ``["*"]`` allows any origin
+    (never with credentials)."""
     refresh_interval_s: float = Field(default=1.0, ge=0.0)
     """How often (at most) a search checks its collection for a newly committed version."""
 

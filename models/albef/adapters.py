@@ -21,6 +21,7 @@ from alignfuse.models.albef.model import AlbefModel
 from alignfuse.models.base import (
     CLIP_MEAN,
     CLIP_STD,
+    Grounding,
     ImageStates,
     ImageTransform,
     MatchScores,
@@ -28,6 +29,8 @@ from alignfuse.models.base import (
     Precision,
     Preprocess,
     TextStates,
+    heatmaps_per_word,
+    merge_word_pieces,
     pair_count,
     torch_dtype,
 )
@@ -268,6 +271,31 @@ class AlbefCrossEncoder(_AlbefBase):
         logits = torch.cat(outs)
         prob = logits.softmax(dim=-1)[:, 1]
         return MatchScores(logits[:, 1].cpu().numpy(), prob.cpu().numpy())
+
+    def grounding(self, text: str, pixels: torch.Tensor, *, layer: int | None = None) -> Grounding:
+        """Per-word Grad-CAM of the ITM "match" logit on fusion layer ``layer``'s cross-attention (see
+        :mod:`alignfuse.models.albef.grounding`). ``pixels``: one transformed image [1, 3, R, R]."""
+        from alignfuse.models.albef.grounding import check_layer, cross_attention_gradcam, patch_grid
+
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError("grounding needs a non-empty text", detail={"field": "text"})
+        fusion_layer = check_layer(self.model, layer)
+        ids, mask = self._tokens([text])
+        with torch.inference_mode(False), torch.no_grad():
+            tokens = self.model.image_tokens(self._pixels(pixels[:1]))
+        logits, cam = cross_attention_gradcam(self.model, ids, mask, tokens, fusion_layer)
+        pieces = self.tokenizer.tokenizer.convert_ids_to_tokens(ids[0, 1 : cam.shape[0]].tolist())
+        words, owner = merge_word_pieces(pieces)
+        token_maps = patch_grid(cam[1:], tokens.shape[1])  # [CLS] row dropped
+        return Grounding(
+            words=words,
+            heatmaps=heatmaps_per_word(token_maps, owner, len(words)),
+            tokens=tuple(pieces),
+            word_of_token=owner,
+            layer=fusion_layer,
+            logit=float(logits[1]),
+            prob=float(logits.softmax(-1)[1]),
+        )
 
 
 # ---------------------------------------------------------------------------- shared loading for the registry

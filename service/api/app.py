@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from ..engine import SearchEngine
 from ..errors import install_error_handlers
 from ..metrics import Metrics
 from ..settings import Settings
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
-from .routers import collections, ops, search, web
+from .middleware import AdmissionMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .routers import collections, explain, ops, search, web
 from .schemas import TextsBody
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,11 @@ def create_app(settings: Settings | None = None, *, engine: SearchEngine | None 
                 log.error("model loading failed; the server answers 503 until restarted")
 
         app.state.load_task = asyncio.create_task(load())
+        lag_task = asyncio.create_task(_watch_loop_lag(engine))
         try:
             yield
         finally:
+            lag_task.cancel()
             if not app.state.load_task.done():
                 await asyncio.wait({app.state.load_task}, timeout=30)
             engine.close()
@@ -64,14 +68,59 @@ def create_app(settings: Settings | None = None, *, engine: SearchEngine | None 
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(search.router)
+    app.include_router(explain.router)
     app.include_router(collections.router)
     app.include_router(ops.router)
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=web.WEB_DIR), name="static")
+    app.add_middleware(AdmissionMiddleware, engine=engine)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
+    warn_if_exposed(settings)
     _register_extra_schemas(app)
     return app
+
+
+async def _watch_loop_lag(engine: SearchEngine, period_s: float = 0.05) -> None:
+    """How late the event loop wakes up: the admission adds it to every new search's expected wait (a
+    process starved of CPU or of the GIL sheds load before requests pile up in front of the loop)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(period_s)
+        engine.admission.observe_loop_lag(loop.time() - start - period_s)
+        engine.metrics.loop_lag.set(engine.admission.loop_lag_s)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Log a warning when the server listens beyond this machine with no API key (anyone who reaches it
+    may add and delete items)."""
+    key = settings.api_key
+    if not is_loopback(settings.server.host) and (key is None or not key.get_secret_value()):
+        log.warning(
+            "listening on %s, reachable from other machines, without an API key: anyone who can reach "
+            "it can add and delete items. Set ALIGNFUSE_API_KEY (see docs/operations.md)",
+            settings.server.host,
+        )
 
 
 def _register_extra_schemas(app: FastAPI) -> None:

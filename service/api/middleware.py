@@ -1,8 +1,9 @@
-"""Pure ASGI middleware: request body limit (413) and per-route request metrics."""
+"""Pure ASGI middleware: request body limit (413), per-route request metrics, early admission (429)."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -118,3 +119,34 @@ class MetricsMiddleware:
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(path, scope.get("method", ""), str(status)).inc()
             self.metrics.request_latency.labels(path).observe(time.perf_counter() - start)
+
+
+class AdmissionMiddleware:
+    """Refuse a search with 429 before its body is read when the engine would refuse it anyway
+    (:mod:`alignfuse.service.engine.admission`): under overload a rejection costs no parsing, no
+    validation and no decoding. The engine still decides atomically for the searches that pass."""
+
+    PATHS = frozenset({"/v1/search", "/v1/search/image"})
+
+    def __init__(self, app: ASGIApp, engine: Any) -> None:
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in self.PATHS:
+            engine = self.engine
+            decision = engine.admission.would_reject() if engine.ready else None
+            if decision is not None:
+                engine.metrics.rejected.labels(decision.reason).inc()
+                message = (
+                    f"overloaded: a new search would wait about {decision.expected_wait_s:.1f} s, over the "
+                    f"admission deadline of {engine.admission.config.max_queue_wait_s:g} s"
+                    if decision.reason == "capacity"
+                    else f"too many concurrent searches ({engine.admission.in_flight})"
+                )
+                retry = str(max(1, math.ceil(decision.retry_after_s)))
+                await _send_json(
+                    send, 429, error_body("overloaded", message), ((b"retry-after", retry.encode()),)
+                )
+                return
+        await self.app(scope, receive, send)

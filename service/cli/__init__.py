@@ -9,7 +9,7 @@ import typer
 
 from alignfuse.errors import AlignfuseError
 
-from . import collections, demo, scenes, serve, train
+from . import collections, demo, importer, scenes, serve, train
 from . import eval as eval_cmd
 from ._common import exit_code_for
 
@@ -33,7 +33,7 @@ def _root(
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise to users
 
 
-for _module in (collections, serve, train, scenes, eval_cmd, demo):
+for _module in (collections, importer, serve, train, scenes, eval_cmd, demo):
     _module.register(app)
 
 

@@ -17,7 +17,9 @@ from alignfuse.errors import (
     NotFoundError,
 )
 
-# exit codes: 2 = bad argument (as click), 3 = not found, 4 = conflict, 5 = model unavailable, 1 = other
+# exit codes: 2 = bad argument (as click), 3 = not found, 4 = conflict, 5 = model unavailable, 1 = other;
+# 6 = a build/add finished but some items failed (listed in its summary; --allow-failures exits 0 instead)
+EXIT_ITEMS_FAILED = 6
 _EXIT_CODES: tuple[tuple[type[AlignfuseError], int], ...] = (
     (InvalidInputError, 2),
     (NotFoundError, 3),

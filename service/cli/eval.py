@@ -113,8 +113,22 @@ def eval_command(
         DEFAULT_MAX_ALL_PAIRS, "--max-all-pairs", help="Refuse all_pairs above this many (image, text) pairs."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by mode (+ meta)."),
+    pointing: bool = typer.Option(
+        False,
+        "--pointing",
+        help="Instead of retrieval: the pointing game of the reranker's grounding heatmaps (the split's images "
+        "must list their objects' positions, as the built-in scenes do).",
+    ),
+    pointing_layer: list[int] | None = typer.Option(
+        None, "--pointing-layer", help="Fusion layer(s) to explain (repeatable; default: the reranker's)."
+    ),
 ) -> None:
     """Retrieval recall (TR/IR R@1/5/10, r_mean) with ALBEF's protocol: dual encoder, rerank, all pairs."""
+    if pointing:
+        _pointing(
+            collection, karpathy, image_root, reranker, device, precision, limit, pointing_layer, as_json
+        )
+        return
     if k_test < 1:
         raise InvalidInputError(f"--k-test must be >= 1, got {k_test}")
     if batch_size < 1:
@@ -183,6 +197,56 @@ def eval_command(
         console = Console()
         for table in _tables(report):
             console.print(table)
+
+
+def _pointing(
+    collection: Path,
+    karpathy: Path,
+    image_root: Path | None,
+    reranker: str | None,
+    device: str,
+    precision: str,
+    limit: int | None,
+    layers: list[int] | None,
+    as_json: bool,
+) -> None:
+    """``eval --pointing``: pointing-game accuracy of the reranker's grounding vs the area-chance baseline."""
+    from alignfuse.evaluation import pointing_cases, pointing_game
+    from alignfuse.index.collection import Collection, is_collection
+    from alignfuse.models.base import GroundingModel
+
+    if limit is not None and limit < 1:
+        raise InvalidInputError(f"--limit must be >= 1, got {limit}")
+    if not karpathy.is_file():
+        raise NotFoundError(f"--karpathy: file not found: {karpathy}")
+    spec = reranker
+    if spec is None:
+        if not is_collection(collection):
+            raise NotFoundError(f"COLLECTION: no collection at {collection}")
+        with Collection.open(collection) as coll:
+            spec = coll.manifest.reranker.spec if coll.manifest.reranker is not None else None
+    if spec is None:
+        raise InvalidInputError("--pointing needs a reranker: pass --reranker SPEC")
+    cross = create_cross_encoder(spec, device=check_device(device), precision=precision)
+    if not isinstance(cross, GroundingModel):
+        raise InvalidInputError(f"--pointing: reranker {spec} has no grounding (ALBEF and BLIP rerankers do)")
+    cases = pointing_cases(karpathy, image_root)
+    if limit is not None:
+        images = list(dict.fromkeys(c.image for c in cases))[:limit]
+        keep = set(images)
+        cases = [c for c in cases if c.image in keep]
+    wanted: list[int | None] = list(layers) if layers else [None]
+    results = [pointing_game(cross, cross.image_transform, cases, layer=layer) for layer in wanted]
+    if as_json:
+        typer.echo(json.dumps({"reranker": spec, "pointing": [r.to_json() for r in results]}))
+        return
+    table = Table(title=f"pointing game: {Path(karpathy).name}, reranker {spec}")
+    for col in ("layer", "cases", "accuracy", "area chance", "centre", "empty", "seconds"):
+        table.add_column(col, justify="right")
+    for r in results:
+        cells = (r.layer, f"{r.cases:,}", f"{r.accuracy:.3f}", f"{r.chance:.3f}", f"{r.centre:.3f}", r.empty)
+        table.add_row(*(str(x) for x in cells), f"{r.seconds:.1f}")
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -26,6 +26,7 @@ Where each concern lives:
 
 from __future__ import annotations
 
+from .explain import ExplainMixin
 from .handles import check_collection_name, check_item_id
 from .ingest import UPLOADS_DIR, IngestMixin
 from .plan import SearchPlan
@@ -34,7 +35,7 @@ from .search import SearchMixin
 __all__ = ["UPLOADS_DIR", "SearchEngine", "SearchPlan", "check_collection_name", "check_item_id"]
 
 
-class SearchEngine(SearchMixin, IngestMixin):
+class SearchEngine(SearchMixin, IngestMixin, ExplainMixin):
     """Owns the models, the open collections, one device worker per model and the concurrency limit.
 
     ``SearchEngine(settings, metrics=..., dual_encoder=..., cross_encoder=...)``: models given here are used

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from alignfuse.errors import AlignfuseError, InvalidInputError, NotFoundError
 from alignfuse.index.collection import Collection, is_collection
@@ -13,7 +14,7 @@ from alignfuse.index.types import Item, Modality
 
 from ..images import load_image_file, resolve_uri, thumbnail_jpeg
 from ..types import CollectionInfo, ItemInfo
-from .handles import Handle, check_collection_name, check_item_id
+from .handles import Handle, check_collection_name, check_item_id, public_metadata, public_uri
 from .lifecycle import EngineBase
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,13 @@ class CollectionsMixin(EngineBase):
         return self._info(name, h.coll.manifest, True, None)
 
     @staticmethod
-    def _item_info(it: Item) -> ItemInfo:
+    def _item_info(it: Item, base: Path) -> ItemInfo:
         return ItemInfo(
             id=it.id,
             kind=it.kind,
-            uri=it.uri,
+            uri=public_uri(it.uri, base),
             caption=it.text,
-            metadata=dict(it.metadata),
+            metadata=public_metadata(it.metadata, base),
             state=it.state,
             version_added=it.version_added,
         )
@@ -116,13 +117,14 @@ class CollectionsMixin(EngineBase):
         return h, it
 
     def get_item(self, name: str, item_id: int) -> ItemInfo:
-        return self._item_info(self._live_item(name, item_id)[1])
+        h, it = self._live_item(name, item_id)
+        return self._item_info(it, h.coll.path)
 
     def list_items(
         self, name: str, *, kind: Modality | None = None, offset: int = 0, limit: int = 100
     ) -> list[ItemInfo]:
         h = self._handle(name)
-        return [self._item_info(it) for it in h.coll.list(kind=kind, offset=offset, limit=limit)]
+        return [self._item_info(it, h.coll.path) for it in h.coll.list(kind=kind, offset=offset, limit=limit)]
 
     def thumbnail(self, name: str, item_id: int, size: int | None = None) -> bytes:
         """A JPEG of an image item's own stored file (its recorded uri), at most ``size`` px per side."""

@@ -8,7 +8,10 @@ import logging
 import re
 import threading
 import time
-from pathlib import Path
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlparse
 
 from alignfuse.errors import AlignfuseError, NotFoundError
 from alignfuse.index.collection import Collection, is_collection
@@ -55,3 +58,35 @@ class Handle:
         self.checked = time.monotonic()
         self.refresh_lock = threading.Lock()
         self.write_lock = asyncio.Lock()
+
+
+def public_uri(uri: str, base: Path) -> str:
+    """What a response says about where an item came from, without the server's file system.
+
+    Files inside the collection folder (uploads) are named relative to it (``uploads/ab/<sha>.png``); local
+    files outside it (the images a build indexed) by their file name only (``000001.png``); a fragment
+    (``#caption2``) is kept; ``text:`` ids and non-file URLs are unchanged. The stored uri (what the
+    thumbnail endpoint and the reranker read) stays on the server."""
+    head, sep, fragment = uri.partition("#")
+    if "://" in head:
+        if not head.startswith("file://"):
+            return uri
+        head = unquote(urlparse(head).path)
+    elif not head.startswith("/"):
+        return uri  # already relative (to the collection) or an id such as text:<hash>
+    path = PurePosixPath(head)
+    try:
+        shown = path.relative_to(base.resolve().as_posix()).as_posix()
+    except ValueError:
+        shown = path.name
+    return f"{shown}{sep}{fragment}"
+
+
+def public_metadata(metadata: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """The item's metadata as a response shows it: the link a caption keeps to its image
+    (``image_uri``) is a public uri too."""
+    out = dict(metadata)
+    link = out.get("image_uri")
+    if isinstance(link, str):
+        out["image_uri"] = public_uri(link, base)
+    return out

@@ -90,7 +90,13 @@ class IngestMixin(CollectionsMixin, RerankInputsMixin):
                 if u.filename:
                     meta.setdefault("filename", Path(u.filename).name)
                 new_items.append(
-                    NewItem(kind="image", uri=str(dest.resolve()), sha256=sha, text=u.caption, metadata=meta)
+                    NewItem(
+                        kind="image",
+                        uri=dest.relative_to(h.coll.path).as_posix(),
+                        sha256=sha,
+                        text=u.caption,
+                        metadata=meta,
+                    )
                 )
             return self._commit(h, new_items, vecs, tokens)
 

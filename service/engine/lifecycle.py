@@ -8,6 +8,7 @@ rerank inputs, the search stages, ingestion) are mixins over it, combined by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -31,10 +32,11 @@ from alignfuse.index.manifest import Manifest
 from alignfuse.models.base import CrossEncoder, DualEncoder
 from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
-from ..batching import BatchConfig, DeviceWorker
+from ..batching import BatchConfig, BatchEvent, DeviceWorker
 from ..metrics import Metrics
 from ..settings import Settings
 from ..types import ModelsInfo
+from .admission import Admission, AdmissionConfig, trim_memory
 from .caches import ThumbnailLRU, TokenLRU
 from .handles import Handle, scan_manifests
 from .kernels import BULK_CHUNK, CrossKernels, DualKernels, RerankJob
@@ -67,9 +69,13 @@ class EngineBase:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="alignfuse-io")
         self._tokens = TokenLRU(settings.models.rerank_memory_cache_mb * 1024 * 1024)
         self._thumbs = ThumbnailLRU()
-        self._inflight = 0
+        b = settings.batching
+        self.admission = Admission(
+            AdmissionConfig(
+                max_queue_wait_s=b.max_queue_wait_ms / 1000.0, max_in_flight=b.max_concurrent_requests
+            )
+        )
         self._device_lock = threading.Lock()  # both models sit on settings.models.device
-        self._inflight_lock = threading.Lock()
         self._ready = threading.Event()
         self.load_error: AlignfuseError | None = None
         self._closed = False
@@ -153,7 +159,7 @@ class EngineBase:
             "dual",
             {"texts": dk.texts, "images": dk.images},
             cfg,
-            on_batch=self.metrics.on_batch,
+            on_batch=self._on_batch,
             announced=True,
             device_lock=self._device_lock,
         )
@@ -166,7 +172,7 @@ class EngineBase:
                 "cross",
                 {"rerank": ck.rerank, "tokens": ck.tokens},
                 ccfg,
-                on_batch=self.metrics.on_batch,
+                on_batch=self._on_batch,
                 announced=True,
                 device_lock=self._device_lock,
             )
@@ -231,19 +237,31 @@ class EngineBase:
         """Run blocking work (disk, SQLite, FAISS, image decoding) on the I/O pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
 
-    # -- admission -----------------------------------------------------------------------------------
+    # -- admission (see :mod:`.admission`) --------------------------------------------------------------
+    def _on_batch(self, ev: BatchEvent) -> None:
+        self.admission.device_time(ev.run_s)
+        self.metrics.on_batch(ev)
+
     def _enter(self) -> None:
-        with self._inflight_lock:
-            if self._inflight >= self.settings.batching.max_concurrent_requests:
-                self.metrics.rejected.labels("concurrency").inc()
-                raise OverloadedError(
-                    f"too many concurrent searches ({self._inflight})",
-                    retry_after=self._dual_worker.retry_after() if self._dual_worker else 1.0,
+        d = self.admission.try_enter()
+        if not d.admitted:
+            self.metrics.rejected.labels(d.reason).inc()
+            if d.reason == "concurrency":
+                message = f"too many concurrent searches ({self.admission.in_flight})"
+            else:
+                message = (
+                    f"overloaded: a new search would wait about {d.expected_wait_s:.1f} s, over the "
+                    f"admission deadline of {self.admission.config.max_queue_wait_s:g} s"
                 )
-            self._inflight += 1
+            raise OverloadedError(message, retry_after=d.retry_after_s)
         self.metrics.in_flight.inc()
+        self.metrics.expected_wait.set(self.admission.expected_wait())
 
     def _leave(self) -> None:
-        with self._inflight_lock:
-            self._inflight -= 1
+        idle = self.admission.leave()
         self.metrics.in_flight.dec()
+        self.metrics.expected_wait.set(self.admission.expected_wait())
+        self.metrics.search_cost.set(self.admission.cost_s)
+        if idle and self.admission.due_for_trim() and not self._closed:
+            with contextlib.suppress(RuntimeError):  # the pool was shut down meanwhile
+                self._pool.submit(trim_memory)

@@ -8,6 +8,7 @@ and the loaded models and resolves its defaults (target modality, candidates, re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from alignfuse.models.base import Fusion, check_fusion, default_fusion_for, fuse
 
 from ..settings import LimitSettings
 from ..types import SearchHit, SearchRequest
+from .handles import public_metadata, public_uri
 from .kernels import RerankJob
 
 
@@ -118,9 +120,11 @@ def rank(
     logit: np.ndarray,
     prob: np.ndarray,
     itc_logit_scale: float | None,
+    base: Path,
 ) -> tuple[list[SearchHit], list[SearchHit] | None]:
     """The top-k hits (by the fused score when reranked, else ITC; ``min_match`` applied) and, when asked,
-    the top-k by ITC alone."""
+    the top-k by ITC alone. ``base``: the collection folder (hits name files relative to it, never by
+    the server's absolute path: :func:`~alignfuse.service.engine.handles.public_uri`)."""
     items, itc, failed = cands.items, cands.itc, cands.failed
     n = len(items)
     reranked = plan.rerank and n > 0
@@ -140,9 +144,9 @@ def rank(
         return SearchHit(
             id=it.id,
             kind=it.kind,
-            uri=it.uri,
+            uri=public_uri(it.uri, base),
             caption=it.text,
-            metadata=dict(it.metadata),
+            metadata=public_metadata(it.metadata, base),
             itc=float(itc[i]),
             itm_prob=None if np.isnan(prob[i]) else float(prob[i]),
             itm_logit=None if np.isnan(logit[i]) else float(logit[i]),

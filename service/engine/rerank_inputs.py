@@ -34,7 +34,7 @@ class RerankInputsMixin(EngineBase):
     def _feature_cache(self, h: Handle) -> FeatureCache | None:
         """The collection's feature cache when it was made by the loaded reranker, else None."""
         fc = h.coll.features
-        if fc is None or self.cross is None:
+        if fc is None or self.cross is None or not self.cross.info.image_states_cacheable:
             return None
         return fc if fc.reranker.matches(self.cross.info) else None
 
@@ -65,7 +65,12 @@ class RerankInputsMixin(EngineBase):
             todo = [i for i in range(n) if not have[i]]
         rest: list[int] = []
         for i in todo:
-            t = self._tokens.get(self._token_key(h, items[i]))
+            # single-stream rerankers (ViLT) have no image states apart from the pixels: nothing to remember
+            t = (
+                self._tokens.get(self._token_key(h, items[i]))
+                if self.cross.info.image_states_cacheable
+                else None
+            )
             if t is not None:
                 cached_pos.append(i)
                 cached.append(t.unsqueeze(0))
@@ -122,6 +127,8 @@ class RerankInputsMixin(EngineBase):
     ) -> None:
         """Keep the tokens the cross worker recomputed from the candidates' files (text→image only)."""
         if job.texts and len(job.texts) > 1:  # image→text: the query image is not an item
+            return
+        if self.cross is not None and not self.cross.info.image_states_cacheable:
             return
         n_cached = 0 if job.tokens is None else len(job.tokens)
         for j, i in enumerate(order[n_cached:]):

@@ -180,7 +180,7 @@ class SearchMixin(CollectionsMixin, RerankInputsMixin):
                 self.metrics.rerank_failed.inc(int(cands.failed.sum()))
         release("cross")
         t3 = time.perf_counter()
-        hits, itc_hits = rank(req, plan, cands, logit, prob, self._itc_logit_scale())
+        hits, itc_hits = rank(req, plan, cands, logit, prob, self._itc_logit_scale(), h.coll.path)
         t4 = time.perf_counter()
         timings = Timings(
             encode=(t1 - t0) * 1e3, ann=(t2 - t1) * 1e3, rerank=(t3 - t2) * 1e3, total=(t4 - t0) * 1e3

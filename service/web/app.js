@@ -12,6 +12,11 @@
     keyRow: $("key-row"), keyToggle: $("key-toggle"),
   };
   let queryImage = null; // a File when searching by image
+  let lastText = null; // the text of the last text→image search (what a reranked card's explain explains)
+  const ex = {
+    panel: $("explain"), img: $("explain-img"), heat: $("explain-heat"), words: $("explain-words"),
+    info: $("explain-info"), close: $("explain-close"), data: null, pinned: null, token: 0,
+  };
   const blobUrls = [];
 
   const KEY_STORE = "alignfuse.apiKey";
@@ -143,8 +148,88 @@
       const f = document.createElement("div"); f.className = "flag"; f.textContent = "image unreadable: ITC score kept"; body.appendChild(f);
     }
     li.appendChild(body);
+    if (mode === "itm" && hit.kind === "image" && lastText) {
+      li.classList.add("explainable");
+      li.tabIndex = 0;
+      li.title = "Where does the reranker look? (click)";
+      const text = lastText; // the query this card answers, fixed when the card is made
+      const open = () => explain(hit, collection, text, li);
+      li.addEventListener("click", open);
+      li.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } });
+    }
     return li;
   }
+
+  // -- grounding heatmaps (POST /v1/explain) --------------------------------------------------------------
+  function drawHeat(words) {
+    const d = ex.data;
+    const rows = d.grid[0], cols = d.grid[1];
+    const sum = new Float32Array(rows * cols);
+    for (const w of words) w.heatmap.forEach((row, r) => row.forEach((v, c) => { sum[r * cols + c] += v; }));
+    let max = 0;
+    for (const v of sum) max = Math.max(max, v);
+    const canvas = ex.heat;
+    canvas.width = cols; canvas.height = rows;
+    const ctx = canvas.getContext("2d");
+    const img = ctx.createImageData(cols, rows);
+    for (let i = 0; i < sum.length; i++) {
+      const v = max > 0 ? sum[i] / max : 0; // 1 at the peak: bright and warm; 0: dimmed
+      img.data[i * 4] = Math.round(20 + v * 235);
+      img.data[i * 4 + 1] = Math.round(24 + v * 98);
+      img.data[i * 4 + 2] = Math.round(40 + v * 49);
+      img.data[i * 4 + 3] = Math.round(255 * (0.72 * (1 - v) + 0.3 * v));
+    }
+    ctx.putImageData(img, 0, 0);
+    canvas.dataset.words = words.map((w) => w.word).join(" ");
+  }
+
+  function showWord(idx) {
+    const d = ex.data;
+    if (!d) return;
+    const chosen = idx === null ? d.words : [d.words[idx]];
+    [...ex.words.children].forEach((el, i) => el.classList.toggle("on", idx !== null && i === idx));
+    drawHeat(chosen);
+  }
+
+  async function explain(hit, collection, text, li) {
+    const token = ++ex.token;
+    document.querySelectorAll(".hit.explained").forEach((el) => el.classList.remove("explained"));
+    li.classList.add("explained");
+    ex.panel.hidden = false; ex.words.textContent = ""; ex.info.textContent = "Explaining…"; ex.data = null;
+    ex.heat.getContext("2d").clearRect(0, 0, ex.heat.width, ex.heat.height);
+    setThumb(ex.img, collection, hit.id);
+    ex.img.alt = hit.caption || `image ${hit.id}`;
+    try {
+      const d = await api("/v1/explain", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ collection, item_id: hit.id, text }),
+      });
+      if (token !== ex.token) return; // another card was clicked meanwhile
+      ex.data = d; ex.pinned = null;
+      d.words.forEach((w, i) => {
+        const span = document.createElement("span");
+        span.className = "word" + (w.max > 0 ? "" : " cold");
+        span.textContent = w.word;
+        span.title = w.tokens.length > 1 ? `word pieces: ${w.tokens.join(" ")}` : w.word;
+        span.addEventListener("mouseenter", () => showWord(i));
+        span.addEventListener("mouseleave", () => showWord(ex.pinned));
+        span.addEventListener("click", () => { ex.pinned = ex.pinned === i ? null : i; showWord(ex.pinned); });
+        ex.words.appendChild(span);
+      });
+      ex.info.textContent = `item ${d.item_id} · ${d.reranker} · fusion layer ${d.layer} · ${d.grid[0]}×${d.grid[1]} patches · ITM p ${fmt(d.match_prob, 3)} (logit ${fmt(d.itm_logit, 2)})`;
+      showWord(null);
+      ex.panel.scrollIntoView({ block: "nearest", behavior: "smooth" });
+    } catch (e) {
+      if (token !== ex.token) return;
+      ex.info.textContent = "";
+      ex.panel.hidden = true;
+      setStatus(`explain: ${e.message}`, true);
+    }
+  }
+  ex.close.addEventListener("click", () => {
+    ex.panel.hidden = true; ex.data = null;
+    document.querySelectorAll(".hit.explained").forEach((el) => el.classList.remove("explained"));
+  });
 
   function render(data) {
     while (blobUrls.length) URL.revokeObjectURL(blobUrls.pop());
@@ -188,6 +273,7 @@
     if (els.target.value) common.target = els.target.value;
     const queryModality = queryImage ? "image" : "text";
     if (common.target === queryModality) common.rerank = false; // same-modality: dual encoder only
+    lastText = queryImage ? null : text;
     els.btn.disabled = true; setStatus("Searching…");
     try {
       let data;

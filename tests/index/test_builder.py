@@ -120,8 +120,10 @@ def test_karpathy_build_links_captions_to_images(tmp_path: Path, counting: Count
     f = tmp_path / "test.json"
     f.write_text(json.dumps(recs))
     report = build_collection(tmp_path / "c", KarpathySource(f, image_root=root), counting, options=OPTS)
-    assert (report.added_images, report.added_texts) == (6, 13)
-    assert [(Path(u).name, r) for u, r in report.failed] == [("missing.jpg", "file not found")]
+    assert (report.added_images, report.added_texts) == (6, 12)  # the missing image's caption goes with it
+    assert [(Path(u).name, r) for u, r in report.failed] == [
+        ("missing.jpg", "file not found (skipped with 1 caption)")
+    ]
     c = Collection.open(tmp_path / "c")
     texts = c.list(kind="text", limit=100)
     by_uri = {i.uri: i for i in c.list(kind="image", limit=100)}

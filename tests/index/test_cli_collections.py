@@ -47,7 +47,8 @@ def test_build_info_search_delete_compact_add(
     code, out, _ = run(
         monkeypatch, capsys, "build", str(coll), "--images", str(images), *BUILD, "--commit-every", "4"
     )
-    assert code == 0 and "added 10 (10 images, 0 texts)" in out and "1 failed" in out and "bad.png" in out
+    # a file failed: reported, and a distinct exit code (6) unless --allow-failures
+    assert code == 6 and "added 10 (10 images, 0 texts)" in out and "1 failed" in out and "bad.png" in out
     code, out, _ = run(monkeypatch, capsys, "info", str(coll))
     assert code == 0 and "alignfuse:random-tiny" in out and "10 images" in out and "segments (1)" in out
     code, out, _ = run(monkeypatch, capsys, "search", str(coll), "--text", "a red square", "-k", "3")
@@ -69,7 +70,16 @@ def test_build_info_search_delete_compact_add(
     assert c.manifest.segments[0].part("image").index_key == "HNSW16"  # type: ignore[union-attr]
     make_image_folder(images, 2, start=10)
     code, out, _ = run(
-        monkeypatch, capsys, "add", str(coll), "--images", str(images), "--workers", "0", "--no-progress"
+        monkeypatch,
+        capsys,
+        "add",
+        str(coll),
+        "--images",
+        str(images),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--allow-failures",
     )
     # 10 old files: 8 live ones are skipped, the 2 deleted ones are indexed again (new ids), + 2 new files
     assert code == 0 and "added 4" in out and "skipped 8" in out
@@ -128,7 +138,10 @@ def test_existing_collection_errors(
     tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     coll = tmp_path / "c"
-    assert run(monkeypatch, capsys, "build", str(coll), "--images", str(images), *BUILD)[0] == 0
+    assert (
+        run(monkeypatch, capsys, "build", str(coll), "--images", str(images), *BUILD, "--allow-failures")[0]
+        == 0
+    )
     code, _, err = run(monkeypatch, capsys, "delete", str(coll), "999")
     assert code == 3 and "999" in err
     code, _, err = run(monkeypatch, capsys, "compact", str(coll), "--index-key", "Nope")

@@ -158,3 +158,83 @@ def test_web_page_with_api_key_for_reads(world: World, root: Path) -> None:
             )
         finally:
             browser.close()
+
+
+#: the alpha channel of the heatmap overlay canvas (one value per patch cell)
+ALPHAS_JS = (
+    "c => [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].filter((_, i) => i % 4 === 3)"
+)
+
+
+def test_web_page_explain_heatmaps(server: str, tmp_path: Path) -> None:
+    """A reranked image card opens the grounding panel; the word under the pointer lights its region."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server + "/")
+            page.wait_for_selector("#collection option[value=plain]", state="attached")
+            page.select_option("#collection", "plain")
+            page.fill("#query", "a red circle left of a blue square")
+            page.click("#search-btn")
+            page.wait_for_function("document.querySelectorAll('#itm-results .hit.explainable').length > 0")
+            assert page.locator("#itc-results .hit.explainable").count() == 0  # only reranked cards explain
+            assert page.is_hidden("#explain")
+            page.click("#itm-results .hit.explainable >> nth=1")
+            page.wait_for_selector("#explain-words .word")
+            words = page.locator("#explain-words .word").all_inner_texts()
+            assert words == ["a", "red", "circle", "left", "of", "a", "blue", "square"]
+            assert "fusion layer 0" in page.inner_text("#explain-info")
+            page.wait_for_function(
+                "(() => { const i = document.querySelector('#explain-img'); return i.complete && i.naturalWidth > 0; })()"
+            )
+            # the overlay is the grid of heatmap cells (4x4 for albef:tiny), stretched over the image
+            assert page.eval_on_selector("#explain-heat", "c => [c.width, c.height]") == [4, 4]
+            alphas_all = page.eval_on_selector("#explain-heat", ALPHAS_JS)
+            assert page.eval_on_selector("#explain-heat", "c => c.dataset.words") == " ".join(words)
+            page.hover("#explain-words .word >> nth=2")  # "circle"
+            assert page.eval_on_selector("#explain-heat", "c => c.dataset.words") == "circle"
+            assert page.locator("#explain-words .word.on").all_inner_texts() == ["circle"]
+            alphas_word = page.eval_on_selector("#explain-heat", ALPHAS_JS)
+            assert len(set(alphas_word)) > 1  # a region stands out: not a uniform veil
+            assert alphas_word != alphas_all or len(set(alphas_all)) > 1
+            page.mouse.move(5, 5)  # pointer leaves the word: back to all words
+            assert page.eval_on_selector("#explain-heat", "c => c.dataset.words") == " ".join(words)
+            page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+            page.click("#explain-close")
+            assert page.is_hidden("#explain")
+        finally:
+            browser.close()
+    assert errors == []
+
+
+def test_web_page_fits_a_phone(server: str, tmp_path: Path) -> None:
+    """At 390 px nothing runs off the screen: header, query row, Search button, results."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+            page.goto(server + "/")
+            page.wait_for_selector("#collection option[value=plain]", state="attached")
+            page.select_option("#collection", "plain")
+            page.fill("#query", "a red circle")
+            page.click("#search-btn")
+            page.wait_for_function("document.querySelectorAll('#itm-results .hit').length > 0")
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            for sel in (".topbar", "#collection", "#key-toggle", "#search-btn", ".query-box", ".hit"):
+                box = page.locator(sel).first.bounding_box()
+                assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (sel, box)
+            page.click("#itm-results .hit.explainable >> nth=0")
+            page.wait_for_selector("#explain-words .word")
+            box = page.locator(".heat-frame").bounding_box()
+            assert box is not None and box["x"] + box["width"] <= 390
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+        finally:
+            browser.close()

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alignfuse.errors import InvalidInputError, UnsupportedMediaError
 
+from ...settings import LimitSettings
 from ...types import ImageUpload, TextUpload
 from ..deps import EngineDep, ReadAuth, SettingsDep, WriteAuth
 from ..schemas import (
@@ -29,7 +30,8 @@ from ..schemas import (
 )
 from .search import read_upload
 
-ItemId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Item id")]
+# 2**53: the largest bound a JSON number (a double) states exactly (2**63 - 1 is published rounded up)
+ItemId = Annotated[int, Path(ge=0, le=2**53, description="Item id")]
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=ERROR_RESPONSES)
 
@@ -81,6 +83,7 @@ def thumbnail(
     return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 
 
+_MAX_FILES = LimitSettings.model_fields["max_files_per_upload"].default
 _ADD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -92,14 +95,23 @@ _ADD_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["files"],
                     "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "maxItems": _MAX_FILES,
+                        },
                         "captions": {"type": "array", "items": {"type": "string"}},
                         "metadata": {
-                            "type": "string",
+                            "anyOf": [
+                                {"type": "object"},
+                                {"type": "array", "items": {"type": "object"}},
+                            ],
                             "description": "JSON: one object for every image, or a list aligned with files",
                         },
                     },
-                }
+                },
+                "encoding": {"metadata": {"contentType": "application/json"}},
             },
         },
     }

@@ -8,14 +8,15 @@ import math
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
+from pydantic import WithJsonSchema
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from alignfuse.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 
 from ...images import IMAGE_CONTENT_TYPES
-from ...types import SearchRequest, SearchResponse
+from ...types import FUSIONS, SearchRequest, SearchResponse
 from ..deps import EngineDep, JsonBody, MultipartBody, ReadAuth, SettingsDep
-from ..schemas import ERROR_RESPONSES, Fusion, Modality, SearchBody, SearchOut
+from ..schemas import DOC_MAX_C, DOC_MAX_K, ERROR_RESPONSES, Fusion, Modality, SearchBody, SearchOut
 
 router = APIRouter(prefix="/v1/search", tags=["search"], dependencies=[ReadAuth], responses=ERROR_RESPONSES)
 
@@ -34,12 +35,19 @@ def _decode_b64(data: str, max_bytes: int) -> bytes:
         raise InvalidInputError("image is not valid base64", detail={"field": "image"}) from None
 
 
+GENERIC_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})
+
+
 async def read_upload(file: StarletteUploadFile, max_bytes: int) -> bytes:
-    """Read an uploaded file (415 for a non-image content type, 413 over ``max_bytes``)."""
+    """Read an uploaded file (415 for a declared non-image content type, 413 over ``max_bytes``). A part
+    with no Content-Type, or ``application/octet-stream``, is read and left to the image decoder, which
+    names what is wrong with bytes that are not an image."""
     ctype = (file.content_type or "").split(";")[0].strip().lower()
-    if ctype not in IMAGE_CONTENT_TYPES:
+    name = file.filename or "upload"
+    # a part without a Content-Type (or a generic one) is judged by its bytes: the decoder says what is wrong
+    if ctype and ctype not in GENERIC_TYPES and ctype not in IMAGE_CONTENT_TYPES:
         raise UnsupportedMediaError(
-            f"{file.filename or 'upload'}: content type {ctype or 'none'!r} is not an accepted image type",
+            f"{name}: content type {ctype!r} is not an accepted image type",
             detail={"accepted": sorted(IMAGE_CONTENT_TYPES)},
         )
     data = await file.read(max_bytes + 1)
@@ -79,12 +87,23 @@ async def search_image(
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description="The query image.")],
     collection: Annotated[str, Form(min_length=1, max_length=128)],
-    k: Annotated[int, Form(ge=1)] = 10,
-    candidates: Annotated[int | None, Form(ge=1)] = None,
-    rerank: Annotated[bool | None, Form()] = None,
-    fusion: Annotated[Fusion | None, Form()] = None,
-    min_match: Annotated[float | None, Form(ge=0.0, le=1.0)] = None,
-    target: Annotated[Modality | None, Form()] = None,
+    k: Annotated[int, Form(ge=1, json_schema_extra={"maximum": DOC_MAX_K})] = 10,
+    # a form field has no null: leave a field out for its default (the schema says so)
+    candidates: Annotated[
+        int | None, Form(ge=1), WithJsonSchema({"type": "integer", "minimum": 1, "maximum": DOC_MAX_C})
+    ] = None,
+    rerank: Annotated[bool | None, Form(), WithJsonSchema({"type": "boolean"})] = None,
+    fusion: Annotated[
+        Fusion | None, Form(), WithJsonSchema({"type": "string", "enum": list(FUSIONS)})
+    ] = None,
+    min_match: Annotated[
+        float | None,
+        Form(ge=0.0, le=1.0, allow_inf_nan=False),
+        WithJsonSchema({"type": "number", "minimum": 0.0, "maximum": 1.0}),
+    ] = None,
+    target: Annotated[
+        Modality | None, Form(), WithJsonSchema({"type": "string", "enum": ["image", "text"]})
+    ] = None,
     include_itc: Annotated[bool, Form()] = False,
 ) -> Response:
     data = await read_upload(file, settings.limits.max_upload_bytes)
