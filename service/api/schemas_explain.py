@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from ..engine.explain import ExplainResult, WordHeatmap
 from .schemas import DOC_MAX_CHARS, JsonInt
 
-_HAS_WORD = r"[^\s,.'!?\"()*#:;~/-]"
+# control characters spelled out: JSON Schema's \s (ECMA) and Python's differ on \x1c-\x1f and \x85
+_HAS_WORD = r"[^\s\x00-\x20\x7f-\x9f\ufeff,.'!?\"()*#:;~/-]"
 
 
 class ExplainBody(BaseModel):
