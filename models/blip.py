@@ -68,27 +68,28 @@ def _hub_cached(repo: str, filename: str = "config.json") -> str | None:
     return hit if isinstance(hit, str) else None
 
 
-def _locate(spec: ModelSpec) -> tuple[str, bool]:
-    """(path or repo id to load from, local_files_only). Fails fast when nothing can be loaded."""
+def locate_pretrained(spec: ModelSpec, *, family: str, label: str, example: str) -> tuple[str, bool]:
+    """(path or repo id to load from, local_files_only) for a transformers ``save_pretrained`` model named by
+    ``spec`` (``<family>:<hub id or local dir>``; BLIP and ViLT). Fails fast when nothing can be loaded."""
     from alignfuse.models.hub import hub_offline, require_download
 
     if spec.tag is not None:
-        raise InvalidInputError(f"{spec.raw}: BLIP specs take no '@tag' (use blip:<hub id or local dir>)")
+        raise InvalidInputError(
+            f"{spec.raw}: {label} specs take no '@tag' (use {family}:<hub id or local dir>)"
+        )
     name = spec.name
-    hint = "Download the model elsewhere (save_pretrained) and pass its directory: blip:/path/to/blip-dir"
+    hint = f"Download the model elsewhere (save_pretrained) and pass its directory: {family}:/path/to/{family}-dir"
     if _is_local(name):
         path = Path(name).expanduser()
         if not path.is_dir():
-            raise ModelUnavailableError(f"{spec.raw}: BLIP directory {path} does not exist")
+            raise ModelUnavailableError(f"{spec.raw}: {label} directory {path} does not exist")
         if not (path / "config.json").is_file():
             raise ModelUnavailableError(f"{spec.raw}: {path} has no config.json (not a save_pretrained dir)")
         if not any((path / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
             raise ModelUnavailableError(f"{spec.raw}: {path} has no tokenizer (vocab.txt / tokenizer.json)")
         return str(path), True
     if "/" not in name:
-        raise InvalidInputError(
-            f"{spec.raw}: expected a hub id like Salesforce/blip-itm-base-coco or a directory"
-        )
+        raise InvalidInputError(f"{spec.raw}: expected a hub id like {example} or a directory")
     if _hub_cached(name) is not None and _hub_cached(name, "vocab.txt") is not None:
         return name, True
     if hub_offline():
@@ -97,6 +98,10 @@ def _locate(spec: ModelSpec) -> tuple[str, bool]:
         )
     require_download(spec.raw, "https://huggingface.co", hint=hint)
     return name, False
+
+
+def _locate(spec: ModelSpec) -> tuple[str, bool]:
+    return locate_pretrained(spec, family="blip", label="BLIP", example="Salesforce/blip-itm-base-coco")
 
 
 def _weights_sha256(source: str, model: torch.nn.Module) -> tuple[str, str]:

@@ -29,7 +29,6 @@ import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +48,7 @@ from alignfuse.models.base import (
     pair_count,
     torch_dtype,
 )
-from alignfuse.models.blip import _hub_cached, _is_local, _weights_sha256
+from alignfuse.models.blip import _hub_cached, _weights_sha256, locate_pretrained
 from alignfuse.models.registry import ModelEntry, ModelSpec, register_family
 
 logger = logging.getLogger(__name__)
@@ -65,34 +64,7 @@ _LONGER_RATIO = 1333 / 800
 
 
 def _locate(spec: ModelSpec) -> tuple[str, bool]:
-    """(path or repo id to load from, local_files_only). Fails fast when nothing can be loaded."""
-    from alignfuse.models.hub import hub_offline, require_download
-
-    if spec.tag is not None:
-        raise InvalidInputError(f"{spec.raw}: ViLT specs take no '@tag' (use vilt:<hub id or local dir>)")
-    name = spec.name
-    hint = "Download the model elsewhere (save_pretrained) and pass its directory: vilt:/path/to/vilt-dir"
-    if _is_local(name):
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            raise ModelUnavailableError(f"{spec.raw}: ViLT directory {path} does not exist")
-        if not (path / "config.json").is_file():
-            raise ModelUnavailableError(f"{spec.raw}: {path} has no config.json (not a save_pretrained dir)")
-        if not any((path / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
-            raise ModelUnavailableError(f"{spec.raw}: {path} has no tokenizer (vocab.txt / tokenizer.json)")
-        return str(path), True
-    if "/" not in name:
-        raise InvalidInputError(
-            f"{spec.raw}: expected a hub id like dandelin/vilt-b32-finetuned-coco or a directory"
-        )
-    if _hub_cached(name) is not None and _hub_cached(name, "vocab.txt") is not None:
-        return name, True
-    if hub_offline():
-        raise ModelUnavailableError(
-            f"{spec.raw}: not in the Hugging Face cache and HF_HUB_OFFLINE is set. {hint}"
-        )
-    require_download(spec.raw, "https://huggingface.co", hint=hint)
-    return name, False
+    return locate_pretrained(spec, family="vilt", label="ViLT", example="dandelin/vilt-b32-finetuned-coco")
 
 
 class ViltTransform:
