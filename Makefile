@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(EXTRAS)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install test test-fast lint typecheck demo bench sysdeps clean docker-test docker-check
+.PHONY: install test test-fast lint typecheck demo bench bench-gpu bench-peers train-gpu sysdeps clean docker-test docker-check
 
 install: $(STAMP)
 
@@ -53,7 +53,8 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# Generate the demo scenes (if absent), build the demo collection with the shipped models, serve on :8000.
+# Generate the demo scenes (if absent), build the two demo collections (ALBEF->ALBEF and CLIP->ALBEF) with the
+# shipped models, print truth-aware results and measured suggestions, serve on :8000.
 demo: install
 	$(BIN)/alignfuse demo $(DEMO_ARGS)
 
@@ -64,6 +65,31 @@ bench: install
 	$(BIN)/python bench/overload.py
 	$(BIN)/python bench/vilt_cost.py
 	$(BIN)/python bench/ray_build.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/rerank_storage.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/cost_n.py
+	$(BIN)/python bench/cpu.py
+	$(BIN)/python bench/ann.py
+	$(BIN)/python bench/incremental.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/perception.py
+	$(BIN)/python bench/eval_scenes.py
+
+# clip-retrieval and infinity side by side (each installed in its own venv under $$ALIGNFUSE_PEERS_DIR, default
+# /work/peers; ~12 GB, from the registries); bench/peers.py records a peer it cannot find as skipped.
+bench-peers: install
+	bash scripts/peers-venv.sh
+	$(BIN)/python bench/peers.py
+
+# The GPU benchmark (bench/gpu.py, hard budget < 8 min): ViT build, ALBEF rerank (bf16/fp32, K/V cache), faiss-gpu vs
+# CPU search at 1M, each against the card's measured ceiling. Installs the `gpu` extra into its own venv .venv-gpu
+# (faiss-gpu and faiss-cpu overwrite each other); PYTHON_GPU=python3 uses an interpreter as it is (offline GPU
+# machines). Writes bench/results/gpu-<card name>.json.
+bench-gpu:
+	bash scripts/bench-gpu.sh $(BENCH_GPU_ARGS)
+
+# The shipped scenes-ALBEF recipe on one GPU (< 10 min): data, stages 1-4, comparison with the shipped weights on
+# the validation splits (scripts/train-gpu.sh; OUT=runs/gpu). TOY=1 DEVICE=cpu runs it in seconds per stage.
+train-gpu: install
+	PYTHON=$(abspath $(BIN)/python) bash scripts/train-gpu.sh
 
 clean:
 	rm -rf demo-data .pytest_cache .ruff_cache .mypy_cache

@@ -11,17 +11,26 @@ its image tokens), then run ALBEF's protocol (alignfuse.evaluation.evaluate):
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_scenes.py --split compositional
     .venv/bin/python bench/eval_scenes.py --report      # table + plot from the JSON files
 
-Writes bench/results/eval_scenes_<split>.json; ``--report`` writes bench/results/eval_scenes.png and prints the
-markdown table used in docs/benchmarks.md.
+Writes bench/results/eval_scenes_<split>.json (``--out`` elsewhere; ``--toy``: 40 scenes, all pairs on 10);
+``--report`` writes bench/results/eval_scenes.png and prints the markdown table used in docs/benchmarks.md.
+
+Every mode reports ALBEF's protocol numbers (annotated pairs only) and, next to them, truth-aware recall
+(``*_true`` keys: a retrieved image counts when it makes the caption true, a retrieved caption when it is true
+of the image, judged from the drawn objects by ``caption_matches``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,44 @@ def project_relative(obj: Any) -> Any:
     return obj
 
 
+def environment() -> dict[str, Any]:
+    """Date, commit, weights, machine, versions and load average for the results JSON."""
+    import faiss
+    import torch
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    try:
+        commit: str | None = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    from importlib.metadata import version
+
+    return {
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": commit,
+        "weights_sha256": {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((ROOT / "models" / "weights").glob("*.safetensors"))
+        },
+        "platform": {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count()},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "faiss": faiss.__version__,
+            "alignfuse": version("alignfuse"),
+        },
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, threads: int) -> dict:
     import torch
 
@@ -53,6 +100,7 @@ def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, th
     from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
     torch.set_num_threads(threads)
+    env = environment()
     seed = SEEDS[split]
     scenes_dir = data / f"{split}-seed{seed}-n{count}"
     karpathy = scenes_dir / "scenes.json"
@@ -108,19 +156,22 @@ def run_split(split: str, data: Path, count: int, k_test: int, ap_limit: int, th
         "build": {"items": build.added + build.skipped_existing, "seconds": round(build_s, 1)},
         "full": full.to_json(),
         "all_pairs_subset": sub.to_json(),
+        **env,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
-def report() -> None:
+def report(results: Path = RESULTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = []
+    true_rows: list[str] = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, split in zip(axes, ("test", "compositional"), strict=True):
-        path = RESULTS / f"eval_scenes_{split}.json"
+        path = results / f"eval_scenes_{split}.json"
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
@@ -137,6 +188,12 @@ def report() -> None:
                     f"{100 * m.get('group_acc_i2t', float('nan')):.1f} (chance {100 * m.get('group_acc_i2t_chance', float('nan')):.1f}) | "
                     f"{m['encoder_passes']:,} | {m['pair_evals']:,} | {m['seconds']:.1f} |"
                 )
+                if "tr_r1_true" in m:
+                    true_rows.append(
+                        f"| {split} | {n_i}×{n_t} | {mode} | {m['tr_r1']:.1f} → {m['tr_r1_true']:.1f} | "
+                        f"{m['tr_r5']:.1f} → {m['tr_r5_true']:.1f} | {m['ir_r1']:.1f} → {m['ir_r1_true']:.1f} | "
+                        f"{m['ir_r5']:.1f} → {m['ir_r5_true']:.1f} | {m['r_mean']:.1f} → {m['r_mean_true']:.1f} |"
+                    )
             if scope == "subset":
                 modes = [m for m in ("dual", "rerank", "all_pairs") if m in block]
                 x = range(len(modes))
@@ -148,13 +205,20 @@ def report() -> None:
                 ax.legend()
     fig.suptitle(f"{MODEL}: dual encoder vs ITM rerank vs all pairs (ALBEF protocol)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "eval_scenes.png", dpi=110)
+    fig.savefig(results / "eval_scenes.png", dpi=110)
     print(
         "| split | gallery | mode | TR R@1/5/10 | IR R@1/5/10 | r_mean | group acc t2i | group acc i2t | "
         "encoder passes | pair evals | seconds |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
+    if true_rows:
+        print(
+            "\nTruth-aware recall (ALBEF's protocol → truth-aware: a hit counts when the caption is true of it):\n"
+        )
+        print("| split | gallery | mode | TR R@1 | TR R@5 | IR R@1 | IR R@5 | r_mean |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("\n".join(true_rows))
 
 
 def main() -> None:
@@ -166,11 +230,14 @@ def main() -> None:
     ap.add_argument("--all-pairs-limit", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where --report reads and plots")
     ap.add_argument("--card", action="store_true", help="write models/weights/card_metrics.json")
+    ap.add_argument("--out", type=Path, help="results JSON (default bench/results/eval_scenes_<split>.json)")
+    ap.add_argument("--toy", action="store_true", help="40 scenes, all pairs on the first 10 (for tests)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.report:
-        report()
+        report(args.results_dir)
         return
     if args.card:
         CARD_FILE.write_text(json.dumps(card_metrics(args.data), indent=1) + "\n")
@@ -178,18 +245,20 @@ def main() -> None:
         return
     if args.split is None:
         ap.error("--split or --report is required")
+    if args.toy:
+        args.count, args.all_pairs_limit = 40, 10
     res = project_relative(
         run_split(args.split, args.data, args.count, args.k_test, args.all_pairs_limit, args.threads)
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"eval_scenes_{args.split}.json"
+    out = args.out or RESULTS / f"eval_scenes_{args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     logging.info("wrote %s", out)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The small-subset numbers the model cards quote, recomputed by tests/test_shipped_models.py.
-CARD_SUBSET = {"split": "test", "seed": 3, "count": 100, "k_test": 16}
+CARD_SUBSET: dict[str, Any] = {"split": "test", "seed": 3, "count": 100, "k_test": 16}
 CARD_FILE = ROOT / "models" / "weights" / "card_metrics.json"
 
 

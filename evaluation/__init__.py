@@ -13,6 +13,8 @@ from alignfuse.evaluation.data import EvalData, TruthFn, load_eval_data
 from alignfuse.evaluation.grounding import PointingCase, PointingResult, pointing_cases, pointing_game
 from alignfuse.evaluation.metrics import (
     RECALL_KEYS,
+    TRUTH_DEPTH,
+    TRUTH_RECALL_KEYS,
     GroupAccuracy,
     PairTruth,
     Recall,
@@ -23,6 +25,8 @@ from alignfuse.evaluation.metrics import (
     ranks_t2i,
     recall_metrics,
     topk_indices,
+    truth_ranks,
+    truth_recall_metrics,
 )
 from alignfuse.evaluation.protocol import (
     DEFAULT_MAX_ALL_PAIRS,
@@ -44,6 +48,8 @@ __all__ = [
     "MODE_KEYS",
     "NON_CANDIDATE",
     "RECALL_KEYS",
+    "TRUTH_DEPTH",
+    "TRUTH_RECALL_KEYS",
     "EvalData",
     "EvalMeta",
     "EvalReport",
@@ -66,4 +72,6 @@ __all__ = [
     "ranks_t2i",
     "recall_metrics",
     "topk_indices",
+    "truth_ranks",
+    "truth_recall_metrics",
 ]

@@ -29,6 +29,12 @@ i)`` (the evaluation builds one from the caller's truth function when every imag
 ``objects``, as the scenes do), a pick is judged by whether the caption is *true* of the picked image: t2i =
 does the best group image make the caption true, i2t = is the best group caption true of the image; choices
 where every option is true are skipped and chance is the true fraction of the options.
+
+Truth-aware recall (:func:`truth_recall_metrics`): ALBEF's R@K counts only the annotated pairs, while many
+captions of the scenes are true of other images too ("a red circle"). Given ``truth(t, i)`` (which must hold
+for every annotated pair, as :meth:`~.data.EvalData.pair_truth` does), IR R@K counts a text as a hit when one
+of its top-K images (same ranking and tie rule as above) makes it true, TR R@K an image when one of its top-K
+captions is true of it. Since every annotated pair is true, each truth-aware R@K >= ALBEF's.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ import numpy as np
 from alignfuse.errors import InvalidInputError
 
 RECALL_KEYS: tuple[str, ...] = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
+#: the truth-aware recall's keys in the eval JSON, next to ALBEF's (:func:`truth_recall_metrics`)
+TRUTH_RECALL_KEYS: tuple[str, ...] = tuple(f"{k}_true" for k in RECALL_KEYS)
+#: how deep the truth-aware ranks look (the largest K reported)
+TRUTH_DEPTH = 10
 
 #: ``truth(t, i)``: whether text ``t`` is true of image ``i`` (indices into the score matrix)
 PairTruth = Callable[[int, int], bool]
@@ -272,4 +282,46 @@ def group_accuracy(
         groups=used,
         texts=len(t_hits),
         images=len(i_hits),
+    )
+
+
+def truth_ranks(scores: np.ndarray, is_true: PairTruth, depth: int = TRUTH_DEPTH) -> np.ndarray:
+    """Per row ``r``, the 0-based rank (same order as :func:`ranking`) of the best-ranked column ``c`` with
+    ``is_true(r, c)``, looking at the first ``depth`` columns only (float [n]; ``inf`` when none is true there)."""
+    s = _check_scores(scores, "scores")
+    if depth < 1:
+        raise InvalidInputError(f"depth must be >= 1, got {depth}")
+    top = topk_indices(s, depth)
+    out = np.full(s.shape[0], np.inf)
+    for r in range(s.shape[0]):
+        for j, c in enumerate(top[r]):
+            if is_true(r, int(c)):
+                out[r] = float(j)
+                break
+    return out
+
+
+def truth_recall_metrics(
+    scores_i2t: np.ndarray,
+    truth: PairTruth,
+    scores_t2i: np.ndarray | None = None,
+) -> Recall:
+    """Truth-aware TR/IR R@1/5/10 and their mean (percent; see the module docstring). ``truth(t, i)``: text
+    ``t`` is true of image ``i``; it must hold for the annotated pairs for the result to bound ALBEF's from above."""
+    s_i2t = _check_scores(scores_i2t, "scores_i2t")
+    s_t2i = s_i2t.T if scores_t2i is None else _check_scores(scores_t2i, "scores_t2i")
+    n_i, n_t = s_i2t.shape
+    if s_t2i.shape != (n_t, n_i):
+        raise InvalidInputError(f"scores_t2i has shape {s_t2i.shape}, expected {(n_t, n_i)}")
+    tr = truth_ranks(s_i2t, lambda i, t: truth(t, i)) if n_t else np.full(n_i, np.inf)
+    ir = truth_ranks(s_t2i, truth) if n_i else np.full(n_t, np.inf)
+    vals = [_pct(tr, 1), _pct(tr, 5), _pct(tr, 10), _pct(ir, 1), _pct(ir, 5), _pct(ir, 10)]
+    return Recall(
+        tr_r1=vals[0],
+        tr_r5=vals[1],
+        tr_r10=vals[2],
+        ir_r1=vals[3],
+        ir_r5=vals[4],
+        ir_r10=vals[5],
+        r_mean=float(np.mean(vals)),
     )

@@ -21,7 +21,7 @@ import numpy as np
 
 from alignfuse.errors import CorruptDataError, InvalidInputError
 
-from .options import IndexOptions
+from .options import IndexOptions, resolve_search
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +145,30 @@ def load_index(path: Path, key: str, options: IndexOptions) -> Any:
 
 
 def search_params(index: Any, k: int, options: IndexOptions) -> Any:
-    """Per-call search parameters (thread-safe: the index is not mutated) for HNSW / IVF / refine indexes."""
+    """Per-call search parameters (thread-safe: the index is not mutated) for HNSW / IVF / refine indexes:
+    ``options``' explicit values, else the index's recipe (:func:`~.options.search_recipe` of its size)."""
     fx: Any = faiss  # the SWIG classes take keyword arguments that the stubs do not declare
     idx: Any = faiss.downcast_index(index)
     if isinstance(idx, faiss.IndexRefine):
         base = search_params(idx.base_index, k, options)
-        return fx.IndexRefineSearchParameters(k_factor=options.refine_k_factor, base_index_params=base)
+        kf = resolve_search(options, int(idx.ntotal)).refine_k_factor
+        return fx.IndexRefineSearchParameters(k_factor=kf, base_index_params=base)
     if isinstance(idx, faiss.IndexHNSW):
-        return fx.SearchParametersHNSW(efSearch=max(options.hnsw_ef_search, k))
+        ef = resolve_search(options, int(idx.ntotal)).hnsw_ef_search
+        return fx.SearchParametersHNSW(efSearch=max(ef, k))
     if isinstance(idx, faiss.IndexIVF):
-        return fx.SearchParametersIVF(nprobe=min(options.ivf_nprobe, idx.nlist))
+        nprobe = resolve_search(options, int(idx.ntotal), int(idx.nlist)).ivf_nprobe
+        return fx.SearchParametersIVF(nprobe=min(nprobe, idx.nlist))
     return None
+
+
+def ivf_nprobe_for(index: Any, options: IndexOptions) -> int:
+    """The nprobe a search of ``index`` uses (16 when it is no IVF index)."""
+    idx: Any = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexRefine):
+        idx = faiss.downcast_index(idx.base_index)
+    nlist = int(idx.nlist) if isinstance(idx, faiss.IndexIVF) else 0
+    return resolve_search(options, int(index.ntotal), nlist).ivf_nprobe
 
 
 @dataclass
@@ -205,7 +218,7 @@ class SearchExecutor:
             try:
                 ps = faiss.GpuParameterSpace()
                 ps.initialize(gpu)
-                ps.set_index_parameter(gpu, "nprobe", options.ivf_nprobe)
+                ps.set_index_parameter(gpu, "nprobe", ivf_nprobe_for(cpu_index, options))
             except (RuntimeError, AttributeError):
                 pass
             return gpu

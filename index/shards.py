@@ -22,7 +22,6 @@ already live are skipped (a re-run imports only what is missing).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from alignfuse.errors import ConflictError, CorruptDataError, InvalidInputError,
 from alignfuse.models.base import ModelInfo
 
 from ._fs import fsync_dir
+from ._shard_columns import column, extra_columns, file_sha256, read_vectors, uri_sha256
 from .collection import Collection, CollectionWriter, is_collection
 from .manifest import EncoderRecord
 from .options import IndexOptions
@@ -52,9 +52,9 @@ log = logging.getLogger(__name__)
 
 ENCODER_FILE = "alignfuse.json"
 _META_RE = re.compile(r"^metadata_(\d+)\.parquet$")
-#: unit-norm check on import (fp16 embeddings are within ~1e-3)
-NORM_TOLERANCE = 1e-2
 _RAY_HINT = "pip install 'alignfuse[ray]' (pyarrow)"
+#: index of the per-shard segments of an import that merges them at its end
+INTERIM_INDEX_KEY = "Flat"
 
 
 def _pa() -> Any:
@@ -232,48 +232,6 @@ def write_shard(root: str | Path, data: ShardData) -> None:
 
 
 # -- reading --------------------------------------------------------------------------------------------
-def _column(table: pa.Table, name: str) -> list[Any] | None:
-    return table.column(name).to_pylist() if name in table.column_names else None
-
-
-def _file_sha256(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            h = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    except OSError:
-        return None
-
-
-def _uri_sha256(uri: str) -> str:
-    return hashlib.sha256(b"uri\0" + uri.encode("utf-8")).hexdigest()
-
-
-def _vectors(path: Path, rows: int, dim: int | None, opts: ImportOptions) -> np.ndarray:
-    try:
-        v = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise CorruptDataError(f"{path}: not a .npy array: {exc}") from exc
-    if v.ndim != 2 or v.shape[0] != rows:
-        raise InvalidInputError(f"{path}: expected {rows} rows of vectors, got shape {v.shape}")
-    if dim is not None and v.shape[1] != dim:
-        raise InvalidInputError(f"{path}: embeddings have dimension {v.shape[1]}, the model has {dim}")
-    out = np.asarray(v, dtype=np.float32)
-    if rows:
-        norms = np.linalg.norm(out, axis=1)
-        if not np.isfinite(out).all():
-            raise InvalidInputError(f"{path}: embeddings contain NaN or inf")
-        worst = float(np.abs(norms - 1.0).max())
-        if worst > NORM_TOLERANCE and not opts.renormalize:
-            raise InvalidInputError(
-                f"{path}: embeddings are not L2-normalised (|norm - 1| up to {worst:.3g}); "
-                "pass --renormalize to normalise them"
-            )
-    return out
-
-
 def read_shard(
     root: str | Path, key: str, *, dim: int | None = None, options: ImportOptions | None = None
 ) -> ShardData:
@@ -285,32 +243,41 @@ def read_shard(
     if not p["meta"].is_file():
         raise NotFoundError(f"shard {key}: {p['meta']} not found")
     meta = pq.read_table(p["meta"])
-    n = meta.num_rows
-    paths = _column(meta, "image_path") or _column(meta, "url") or _column(meta, "key")
-    uris = _column(meta, "uri") or paths
+    paths = column(meta, "image_path") or column(meta, "url") or column(meta, "key")
+    uris = column(meta, "uri") or paths
+    captions = column(meta, "caption")
+    if uris is None and captions is not None and p["txt"].is_file() and not p["img"].is_file():
+        return _text_only_shard(key, meta, p["txt"], dim, opts)  # clip-retrieval --enable_image False
     if uris is None:
         raise InvalidInputError(f"{p['meta']}: needs an 'image_path' (or 'uri', 'url', 'key') column")
-    shas = _column(meta, "sha256")
-    captions = _column(meta, "caption")
-    metas = _column(meta, "metadata")
+    n = meta.num_rows
+    shas = column(meta, "sha256")
+    metas = column(meta, "metadata")
+    extra = extra_columns(meta)
     images: list[NewItem] = []
     for j in range(n):
         uri = str(uris[j])
         sha = shas[j] if shas is not None and shas[j] else None
         if sha is None and opts.hash_files and paths is not None and os.path.isfile(str(paths[j])):
-            sha = _file_sha256(str(paths[j]))
+            sha = file_sha256(str(paths[j]))
         md: dict[str, Any] = json.loads(metas[j]) if metas is not None and metas[j] else {}
+        for name, values in extra.items():
+            md.setdefault(name, values[j])
         cap = captions[j] if captions is not None else None
-        images.append(NewItem("image", uri, sha or _uri_sha256(uri), cap, md))
-    img_vecs = _vectors(p["img"], n, dim, opts) if p["img"].is_file() else np.zeros((0, dim or 0), np.float32)
+        images.append(NewItem("image", uri, sha or uri_sha256(uri), cap, md))
+    img_vecs = (
+        read_vectors(p["img"], n, dim, opts.renormalize)
+        if p["img"].is_file()
+        else np.zeros((0, dim or 0), np.float32)
+    )
     if not p["img"].is_file() and n:
         raise InvalidInputError(f"shard {key}: {p['img']} is missing for {n} metadata rows")
     d = img_vecs.shape[1] if n else dim
     texts: list[NewItem] = []
     if p["txt_meta"].is_file():
         tm = pq.read_table(p["txt_meta"])
-        t_caps, t_uris, t_links = _column(tm, "caption"), _column(tm, "uri"), _column(tm, "image_path")
-        t_sha, t_meta = _column(tm, "sha256"), _column(tm, "metadata")
+        t_caps, t_uris, t_links = column(tm, "caption"), column(tm, "uri"), column(tm, "image_path")
+        t_sha, t_meta = column(tm, "sha256"), column(tm, "metadata")
         if t_caps is None or t_uris is None or t_links is None:
             raise InvalidInputError(f"{p['txt_meta']}: needs 'caption', 'uri' and 'image_path' columns")
         for j in range(tm.num_rows):
@@ -330,14 +297,34 @@ def read_shard(
                     {"image_uri": link, "caption_index": 0},
                 )
             )
-    txt_vecs = _vectors(p["txt"], len(texts), d, opts) if texts else np.zeros((0, d or 0), np.float32)
+    txt_vecs = (
+        read_vectors(p["txt"], len(texts), d, opts.renormalize)
+        if texts
+        else np.zeros((0, d or 0), np.float32)
+    )
     return ShardData(key, tuple(images), img_vecs, tuple(texts), txt_vecs)
 
 
+def _text_only_shard(key: str, meta: pa.Table, txt: Path, dim: int | None, opts: ImportOptions) -> ShardData:
+    """clip-retrieval run on captions alone: metadata has ``caption`` (no image column), text_emb row j is
+    caption j. The texts become items of their own (no image to link)."""
+    captions = column(meta, "caption") or []
+    extra = extra_columns(meta)
+    texts = []
+    for j, cap in enumerate(captions):
+        md: dict[str, Any] = {name: values[j] for name, values in extra.items()}
+        sha = text_sha256(str(cap), None)
+        texts.append(NewItem("text", f"text:{sha[:16]}", sha, str(cap), md))
+    vecs = read_vectors(txt, len(texts), dim, opts.renormalize)
+    return ShardData(key, (), np.zeros((0, vecs.shape[1]), np.float32), tuple(texts), vecs)
+
+
 # -- committing -----------------------------------------------------------------------------------------
-def commit_shard(writer: CollectionWriter, data: ShardData) -> tuple[int, int, int]:
-    """Stage the shard's new items (content hash not yet live) and commit them as one version.
-    Returns (images added, texts added, skipped)."""
+def commit_shard(
+    writer: CollectionWriter, data: ShardData, index_key: str | None = None
+) -> tuple[int, int, int]:
+    """Stage the shard's new items (content hash not yet live) and commit them as one version (its segment
+    indexed with ``index_key`` when given, else the collection's choice). Returns (images, texts, skipped)."""
     skipped = 0
 
     def fresh(items: Sequence[NewItem]) -> list[int]:
@@ -372,7 +359,7 @@ def commit_shard(writer: CollectionWriter, data: ShardData) -> tuple[int, int, i
                 md["image_item_id"] = uri_to_id[link]
             new_t.append(NewItem("text", it.uri, it.sha256, it.text, md))
         writer.add(new_t, data.text_vectors[keep_t])
-    writer.commit()
+    writer.commit(index_key)
     return len(keep), len(keep_t), skipped
 
 
@@ -410,13 +397,19 @@ def import_shards(
     with CollectionWriter(root, opts.index) as writer:
         writer.check_encoder(encoder)
         start = writer.base_version
+        # segments about to be merged get a Flat index (cheap, exact, searchable if the import stops
+        # half-way): the merge builds the real one once, instead of one HNSW/IVF per shard thrown away
+        interim = INTERIM_INDEX_KEY if opts.merge_at_end and len(keys) > 1 else None
+        writer.auto_merge = not opts.merge_at_end  # this import merges its own segments at its end
         for key in keys:
             data = read_shard(src, key, dim=writer.dim, options=opts)
-            a_i, a_t, s = commit_shard(writer, data)
+            a_i, a_t, s = commit_shard(writer, data, interim)
             added_i, added_t, skipped = added_i + a_i, added_t + a_t, skipped + s
             log.info("shard %s: added %d images, %d texts, skipped %d", key, a_i, a_t, s)
         ours = [sg.id for sg in writer.manifest.segments if sg.version > start]
-        if opts.merge_at_end and len(ours) > 1:
-            writer.merge(ours)
+        if opts.merge_at_end and (len(ours) > 1 or (interim and ours)):
+            writer.merge(ours, reindex=True)
+        writer.auto_merge = True
+        writer.merge_small_segments()
         version = writer.base_version
     return ImportReport(root, version, len(keys), added_i, added_t, skipped, time.perf_counter() - t0)

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_sha256 ON items (sha256);
 CREATE INDEX IF NOT EXISTS items_kind ON items (kind, id);
 CREATE INDEX IF NOT EXISTS items_uri ON items (uri);
+CREATE INDEX IF NOT EXISTS items_version_deleted ON items (version_deleted);
 """
 COLUMNS = "id, kind, uri, sha256, text, metadata, version_added, version_deleted"
 VISIBLE = "version_added <= :v"

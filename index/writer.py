@@ -12,6 +12,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -50,7 +51,7 @@ from .manifest import (
     ModalityPart,
     SegmentRecord,
 )
-from .options import IndexOptions, choose_index_key
+from .options import IndexOptions, choose_index_key, plan_merge
 from .segments import (
     LOCK_FILE,
     MANIFEST,
@@ -86,6 +87,9 @@ class CollectionWriter:
         if not (self._root / MANIFEST).is_file():
             raise NotFoundError(f"collection not found: {self._root}")
         self._options = options or IndexOptions()
+        #: merge small segments after each commit (``options.merge_factor``); an import that merges its
+        #: own segments at the end turns this off meanwhile
+        self.auto_merge = True
         self._lock = WriterLock(self._root / LOCK_FILE).acquire()
         self._db: sqlite3.Connection | None = None
         try:
@@ -113,6 +117,7 @@ class CollectionWriter:
         self._next_id = self._manifest.next_id
         self._staged_sha: set[str] = set()
         self._staged_items = 0
+        self._count_delta: Counter[str] = Counter()  # live items per kind (+ "deleted") since the base
 
     @property
     def path(self) -> Path:
@@ -227,6 +232,7 @@ class CollectionWriter:
                 self._seg.append(kind, ids[sel], v[sel])
         self._next_id += n
         self._staged_items += n
+        self._count_delta.update(it.kind for it in items)
         self._staged_sha.update(it.sha256 for it in items)
         return ids
 
@@ -236,12 +242,14 @@ class CollectionWriter:
         if not wanted:
             return
         db = self._conn()
-        live: set[int] = set()
+        live: dict[int, str] = {}
         for part in chunks(wanted):
             q = ",".join("?" * len(part))
             live.update(
-                int(r[0])
-                for r in db.execute(f"SELECT id FROM items WHERE id IN ({q}) AND state = 'live'", tuple(part))
+                (int(r[0]), str(r[1]))
+                for r in db.execute(
+                    f"SELECT id, kind FROM items WHERE id IN ({q}) AND state = 'live'", tuple(part)
+                )
             )
         missing = [i for i in wanted if i not in live]
         if missing:
@@ -260,6 +268,9 @@ class CollectionWriter:
             db.execute("ROLLBACK")
             raise
         self._deletes.extend(wanted)
+        for kind in live.values():
+            self._count_delta[kind] -= 1
+            self._count_delta["deleted"] += 1
 
     def put_features(self, ids: Sequence[int] | np.ndarray, tokens: np.ndarray, reranker: ModelInfo) -> None:
         """Stage rerank-cache tokens (fp16 [n, L, D]) for image ``ids`` computed by ``reranker``."""
@@ -351,9 +362,10 @@ class CollectionWriter:
             return np.zeros(0, np.int64)
         return np.load(self._root / self._manifest.tombstones).astype(np.int64, copy=False)
 
-    def commit(self) -> int:
+    def commit(self, index_key: str | None = None) -> int:
         """Write the staged segment/tombstones/features, fsync, switch the manifest; returns the version
-        (the base version if nothing was staged)."""
+        (the base version if nothing was staged). ``index_key`` overrides the index of this one segment
+        (e.g. ``"Flat"`` for a segment that is about to be merged, whose real index the merge builds)."""
         if self.pending == 0 and self._seg is None:
             return self.base_version
         m = self._manifest
@@ -361,7 +373,7 @@ class CollectionWriter:
         segments = m.segments
         if self._seg is not None and self._seg.rows() > 0:
             totals = {k: a.rows + sum(r.count(k) for r in m.segments) for k, a in self._seg.vecs.items()}
-            segments = (*segments, self._finish_segment(self._seg, v, totals=totals))
+            segments = (*segments, self._finish_segment(self._seg, v, override=index_key, totals=totals))
         elif self._seg is not None:
             self._seg.abort()
         tomb_path, tomb_count = m.tombstones, m.tombstone_count
@@ -393,7 +405,7 @@ class CollectionWriter:
             segments=segments,
             tombstones=tomb_path,
             tombstone_count=tomb_count,
-            counts=live_counts(self._conn(), v),
+            counts=self._counts_after(m),
             next_id=self._next_id,
             features=features,
             reranker=reranker,
@@ -404,7 +416,26 @@ class CollectionWriter:
         self._reset_staged()
         log.debug("committed %s version %d", self._root, v)
         self._gc()
-        return v
+        return self.merge_small_segments() if self.auto_merge else v
+
+    def merge_small_segments(self) -> int:
+        """Apply the merge policy (:func:`~.options.plan_merge`) until it picks nothing, so that searches
+        never fan out over an unbounded number of segments; returns the current version."""
+        while True:
+            segs = self._manifest.segments
+            pick = plan_merge([s.count() for s in segs], self._options.merge_factor)
+            if len(pick) < 2:
+                return self._manifest.version
+            log.info("merge policy: merging %d segments of %s", len(pick), self._root)
+            self.merge([segs[i].id for i in pick])
+
+    def _counts_after(self, m: Manifest) -> tuple[tuple[str, int], ...]:
+        """The manifest's counts plus what this commit changes: O(changes), not a scan of the items (an add
+        must not cost O(N)); recounted from sqlite (:func:`~.store.live_counts`) when the base lacks them."""
+        base = dict(m.counts)
+        if not {"image", "text", "deleted"} <= set(base):
+            return live_counts(self._conn(), m.version + 1)
+        return tuple((k, base[k] + self._count_delta.get(k, 0)) for k in ("image", "text", "deleted"))
 
     def compact(self, index_key: str | None = None) -> int:
         """Commit staged changes, then merge every segment into one: tombstoned vectors are dropped and the
@@ -452,11 +483,12 @@ class CollectionWriter:
         )
         return v
 
-    def merge(self, segment_ids: Sequence[str]) -> int:
+    def merge(self, segment_ids: Sequence[str], *, reindex: bool = False) -> int:
         """Commit staged changes, then merge the named segments into one (their tombstoned rows dropped;
         cost proportional to their size, not the collection's). The builder merges the segments of its
         periodic commits this way. Tombstones and the feature cache are left to :meth:`compact`.
-        Returns the new version (the current one when fewer than two segments are named)."""
+        ``reindex``: also rewrite a single named segment (its index re-chosen for the collection's size).
+        Returns the new version (the current one when fewer than two segments are named, or none)."""
         self.commit()
         m = self._manifest
         wanted = set(segment_ids)
@@ -464,7 +496,7 @@ class CollectionWriter:
         if unknown:
             raise NotFoundError(f"no segments {sorted(unknown)} in collection {self._root}")
         chosen = [s for s in m.segments if s.id in wanted]
-        if len(chosen) < 2:
+        if len(chosen) < (1 if reindex else 2):
             return m.version
         v = m.version + 1
         seg = StagedSegment(self._root, segment_name(v), self.dim)
@@ -514,7 +546,12 @@ class CollectionWriter:
         v = self._manifest.version
         db.execute("BEGIN")
         try:
-            gone = db.execute("DELETE FROM items WHERE version_added > ?", (v,)).rowcount
+            # O(uncommitted rows), never a scan of the collection (a writer opens on every add): staged rows
+            # have ids from the manifest's next_id up (primary key range); uncommitted deletes are found
+            # through the index on version_deleted
+            gone = db.execute(
+                "DELETE FROM items WHERE id >= ? AND version_added > ?", (self._manifest.next_id, v)
+            ).rowcount
             back = db.execute(
                 "UPDATE items SET state = 'live', version_deleted = NULL WHERE version_deleted > ?", (v,)
             ).rowcount

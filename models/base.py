@@ -17,10 +17,16 @@ from PIL import Image
 
 from alignfuse.errors import InvalidInputError
 
-Precision = Literal["fp32", "fp16", "bf16"]
+#: ``int8``: dynamically quantized weights (int8 matmuls, float activations), CPU only
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
 ResizeMode = Literal["squash", "shortest", "longest"]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+
+#: what executes a model: ``torch`` (eager PyTorch), ``onnx`` (graphs exported to ONNX, run by ONNX Runtime,
+#: CPU), ``auto`` (ONNX Runtime on a CPU for models big enough that it pays, else torch)
+Runtime = Literal["torch", "onnx", "auto"]
+RUNTIMES: tuple[str, ...] = ("torch", "onnx", "auto")
 
 #: the pixel normalisation of OpenAI's CLIP, which ALBEF, BLIP and the shipped scenes models reuse
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -77,7 +83,10 @@ def fuse_scores(
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    """The floating dtype of a model's parameters and activations (int8 models keep float32 activations)."""
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}[
+        precision
+    ]
 
 
 @dataclass(frozen=True)

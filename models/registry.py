@@ -23,12 +23,13 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from alignfuse.errors import InvalidInputError, ModelUnavailableError
-from alignfuse.models.base import PRECISIONS, CrossEncoder, DualEncoder, Precision
+from alignfuse.models.base import PRECISIONS, RUNTIMES, CrossEncoder, DualEncoder, Precision
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def _check_precision(precision: str, device: torch.device) -> Precision:
     if precision not in PRECISIONS:
         raise InvalidInputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise InvalidInputError(
+                f"precision int8 runs on the CPU only (device {device}); use fp16 or bf16"
+            )
+        return "fp32"  # the family builds fp32; the runtime layer quantizes (models/runtime)
     if precision != "fp32" and device.type == "cpu":
         log.warning("precision %s on CPU is slower than fp32 here; consider --precision fp32", precision)
     return precision  # type: ignore[return-value]
@@ -165,22 +172,48 @@ def _family_for(spec: ModelSpec) -> _Family:
     return fam
 
 
+def _check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise InvalidInputError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
 def create_dual_encoder(
-    spec: str | ModelSpec, device: str | torch.device = "cpu", precision: str = "fp32"
+    spec: str | ModelSpec,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    runtime: str = "torch",
+    graph_cache_dir: str | Path | None = None,
 ) -> DualEncoder:
-    """Build the stage-1 model named by ``spec`` (see the module docstring for spec forms)."""
+    """Build the stage-1 model named by ``spec`` (see the module docstring for spec forms).
+
+    ``runtime``: ``torch``, ``onnx`` (ONNX Runtime, CPU) or ``auto``; ``precision`` ``int8`` quantizes the
+    weights (CPU). See :mod:`alignfuse.models.runtime`; ``graph_cache_dir`` is where exported graphs go when
+    the weights' folder is not writable (default: the per-user cache). The model's ``runtime`` and
+    ``precision`` attributes say what is active."""
     ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
     fam = _family_for(ms)
     if fam.dual is None:
         raise InvalidInputError(f"{ms.raw}: family {fam.name!r} has no dual encoder")
     dev = resolve_device(device)
-    return fam.dual(ms, dev, _check_precision(precision, dev))
+    rt = _check_runtime(runtime)
+    model = fam.dual(ms, dev, _check_precision(precision, dev))
+    if rt == "torch" and precision != "int8":
+        return model
+    from alignfuse.models.runtime import wrap_dual
+
+    return wrap_dual(model, rt, precision, graph_cache_dir)
 
 
 def create_cross_encoder(
-    spec: str | ModelSpec, device: str | torch.device = "cpu", precision: str = "fp32"
+    spec: str | ModelSpec,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    runtime: str = "torch",
+    graph_cache_dir: str | Path | None = None,
 ) -> CrossEncoder:
-    """Build the stage-2 (ITM) model named by ``spec``."""
+    """Build the stage-2 (ITM) model named by ``spec`` (``runtime``/``precision``: as
+    :func:`create_dual_encoder`)."""
     ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
     fam = _family_for(ms)
     if fam.cross is None:
@@ -188,7 +221,13 @@ def create_cross_encoder(
             f"{ms.raw}: family {fam.name!r} has no cross-encoder (rerankers: albef, blip, vilt, alignfuse:scenes-albef)"
         )
     dev = resolve_device(device)
-    return fam.cross(ms, dev, _check_precision(precision, dev))
+    rt = _check_runtime(runtime)
+    model = fam.cross(ms, dev, _check_precision(precision, dev))
+    if rt == "torch" and precision != "int8":
+        return model
+    from alignfuse.models.runtime import wrap_cross
+
+    return wrap_cross(model, rt, precision, graph_cache_dir)
 
 
 def list_models() -> list[ModelEntry]:

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from alignfuse.models.base import Precision
+from alignfuse.models.base import Precision, Runtime
 
 
 class _Section(BaseModel):
@@ -24,8 +24,9 @@ class ModelSettings(_Section):
     """Which models serve the collections.
 
     ``dual_encoder``: a spec, or None to use the dual encoder recorded in the collections' manifests (the
-    one most collections were built with; collections built with another are listed as incompatible and
-    answer 409). ``reranker``: a spec, ``"none"`` to serve without a cross-encoder, or None to use the
+    one most collections were built with). The engine also loads the dual encoder of every collection present
+    at start (one per distinct encoder), so each collection is searched with its own; a collection whose encoder
+    cannot be loaded is listed as incompatible and answers 409. ``reranker``: a spec, ``"none"`` to serve without a cross-encoder, or None to use the
     reranker recorded in the manifests of those collections (if any).
     """
 
@@ -33,6 +34,14 @@ class ModelSettings(_Section):
     reranker: str | None = None
     device: str = "cpu"
     precision: Precision = "fp32"
+    """fp32, fp16/bf16 (GPU), or int8 (CPU: dynamically quantized weights)."""
+    runtime: Runtime = "auto"
+    """What executes the models: ``torch``, ``onnx`` (ONNX Runtime, CPU; ALBEF and open_clip) or ``auto``
+    (ONNX Runtime on a CPU for models big enough that it is faster, see ``alignfuse.models.runtime``; torch
+    on a GPU and for small models). ``ALIGNFUSE_MODELS__RUNTIME``."""
+    graph_cache_dir: Path | None = None
+    """Where exported ONNX graphs are cached when the weights' folder is not writable (default: the per-user
+    cache, ``~/.cache/alignfuse/onnx``)."""
     warmup: bool = True
     rerank_memory_cache_mb: int = Field(default=256, ge=0)
     """Image states recomputed for rerank (collections without a feature cache) are kept in memory, fp16,

@@ -139,8 +139,28 @@ class CollectionInfo(_Result):
     reranker: str | None
     index_key: str | None
     feature_cache: bool
-    compatible: bool  # False when the collection was built with a dual encoder other than the one loaded
+    compatible: bool  # False when the server does not hold the dual encoder that built the collection
     error: str | None = None
+
+
+class Suggestion(_Result):
+    """A query suggested for a collection (``alignfuse demo`` writes them), with what was measured of it:
+    how many images of the collection it is true of (judged from what is drawn, not from captions) and
+    how the rerank changed its top k."""
+
+    text: str
+    kind: str = Field(description="What the query asks: colour_shape, shape, count or relation.")
+    n_true: int = Field(ge=1, description="Images of the collection of which the query is true.")
+    k: int = Field(ge=1)
+    precision_dual: float = Field(description="Share of the dual encoder's top k that make the query true.")
+    precision_rerank: float = Field(description="Same, after the rerank.")
+    first_true_dual: int | None = Field(description="Rank of the first true image by the dual encoder.")
+    first_true_rerank: int | None = Field(description="Rank of the first true image after the rerank.")
+
+
+class Suggestions(_Result):
+    collection: str
+    suggestions: Sequence[Suggestion]
 
 
 class ItemInfo(_Result):
@@ -154,10 +174,22 @@ class ItemInfo(_Result):
 
 
 class ModelsInfo(_Result):
-    dual_encoder: str
+    dual_encoder: str = Field(
+        description="The default dual encoder (the configured one, else the most common)."
+    )
     dual_encoder_id: str
+    dual_encoders: list[str] = Field(
+        default_factory=list,
+        description="Every dual encoder this server holds: one per encoder its collections were built with "
+        "(a query is encoded by the encoder of the collection it searches).",
+    )
     reranker: str | None
     reranker_id: str | None
     device: str
     precision: str
+    runtime: str = Field(
+        "torch",
+        description="What executes the models: torch or onnx (ONNX Runtime); 'dual:onnx, reranker:torch' "
+        "when the dual encoder and the reranker differ.",
+    )
     default_fusion: str | None = Field(None, description="The fusion a search without `fusion` uses.")

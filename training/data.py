@@ -48,6 +48,9 @@ class PairData:
     #: image (extra ITM pairs that ground colours and shapes separately), or None
     attribute: Callable[[int, bool, np.random.Generator], str | None] | None = None
     captions_of: list[list[int]] = field(default_factory=list)
+    #: ``mates[i]``: images holding the same set of colours as image i but another set of shapes (only shapes
+    #: tell them apart: in random batches that is ~2% of the pairs, so ITC never needs to read shape)
+    mates: list[list[int]] | None = None
     #: share of "easy" perturbations (a word replaced by one absent from the image); set by the trainer
     perturb_easy: float = 0.0
 
@@ -151,6 +154,16 @@ def load_pairs(
     return data
 
 
+def colour_mates(scene_objs: Sequence[Sequence[SceneObject]]) -> list[list[int]]:
+    """For each image, the images with the same set of colours and a different set of shapes."""
+    colours = [frozenset(o.colour for o in objs) for objs in scene_objs]
+    shapes = [frozenset(o.shape for o in objs) for objs in scene_objs]
+    by_colours: dict[frozenset[str], list[int]] = {}
+    for i, c in enumerate(colours):
+        by_colours.setdefault(c, []).append(i)
+    return [[j for j in by_colours[colours[i]] if shapes[j] != shapes[i]] for i in range(len(scene_objs))]
+
+
 def attach_scene_functions(data: PairData, objects: Sequence[Sequence[dict[str, Any]]]) -> None:
     """Give ``data`` the scenes' ``matches``, ``perturb`` and ``attribute`` from each image's drawn objects."""
     scene_objs = [[SceneObject(**o) for o in objs] for objs in objects]
@@ -169,6 +182,8 @@ def attach_scene_functions(data: PairData, objects: Sequence[Sequence[dict[str, 
     def attribute(image: int, true: bool, rng: np.random.Generator) -> str | None:
         return attribute_caption(scene_objs[image], rng, true=true)
 
+    data.mates = colour_mates(scene_objs)
+
     data.matches = matches
     data.perturb = perturb
     data.attribute = attribute
@@ -178,23 +193,38 @@ def attach_scene_functions(data: PairData, objects: Sequence[Sequence[dict[str, 
 
 
 def epoch_batches(data: PairData, opts: TrainOptions, epoch: int) -> list[list[int]]:
-    """The image indices of every batch of ``epoch`` (deterministic from seed and epoch)."""
+    """The image indices of every batch of ``epoch`` (deterministic from seed and epoch).
+
+    A share ``group_mix`` of each batch are group siblings of the fresh images (same bag of attributes, other
+    binding) and a share ``mate_mix`` their colour mates (same colours, other shapes), from the epochs where each
+    is switched on; the rest are fresh images in a random order."""
     rng = np.random.default_rng([opts.seed, epoch, 17])
     order = [int(i) for i in rng.permutation(data.num_images)]
     mix = opts.group_mix if (data.groups is not None and epoch >= opts.group_mix_after) else 0.0
+    mate = opts.mate_mix if (data.mates is not None and epoch >= opts.mate_mix_after) else 0.0
     b = opts.batch_size
-    n_fresh = max(1, round(b * (1.0 - mix)))
+    n_fresh = max(1, round(b * (1.0 - mix - mate)))
+    mates = data.mates or []
+    fills: list[tuple[Callable[[int], list[int]], int]] = []
+    if mix > 0:
+        fills.append((data.siblings, round(b * mix)))
+    if mate > 0:
+        fills.append((lambda i: mates[i], b))
     batches = []
     pos = 0
     while pos < len(order):
         batch = order[pos : pos + n_fresh]
         pos += n_fresh
-        k = 0
-        while len(batch) < b and mix > 0 and k < len(batch):
-            sib = data.siblings(batch[k])
-            if sib:
-                batch.append(sib[int(rng.integers(0, len(sib)))])
-            k += 1
+        fresh = len(batch)
+        for pool, want in fills:
+            added = 0
+            for k in range(fresh):
+                if len(batch) >= b or added >= want:
+                    break
+                cand = pool(batch[k])
+                if cand:
+                    batch.append(cand[int(rng.integers(0, len(cand)))])
+                    added += 1
         if len(batch) >= 2:
             batches.append(batch)
     return batches

@@ -43,6 +43,10 @@ class TrainOptions:
     #: from epoch ``group_mix_after`` on, this fraction of each batch are group siblings of other batch images
     group_mix: float = 0.0
     group_mix_after: float = 1.0
+    #: from epoch ``mate_mix_after`` on, this fraction of each batch are colour mates of other batch images (same
+    #: colours, other shapes: negatives that only shape tells apart)
+    mate_mix: float = 0.0
+    mate_mix_after: float = 0.0
     #: momentum-distillation alpha ramps from 0 over this many steps (default: one epoch)
     alpha_ramp_steps: int | None = None
     eval_rerank_k: int = 8
@@ -62,6 +66,8 @@ class TrainOptions:
             raise InvalidInputError("perturb_count and attribute_captions must be >= 0")
         if not 0.0 <= self.group_mix < 1.0:
             raise InvalidInputError("group_mix must lie in [0, 1)")
+        if not 0.0 <= self.mate_mix < 1.0 or self.group_mix + self.mate_mix >= 1.0:
+            raise InvalidInputError("mate_mix must lie in [0, 1) and group_mix + mate_mix below 1")
         if self.precision not in ("fp32", "bf16"):
             raise InvalidInputError("precision must be fp32 or bf16")
 

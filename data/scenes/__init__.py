@@ -25,11 +25,11 @@ Modules: :mod:`.world` (objects, specs, relations, sampling, splits, held-out pa
 importable from this package.
 """
 
-from .captions import Claim, Mention, caption_scene, fix_articles, parse_caption
+from .captions import PROBE_KINDS, Claim, Mention, caption_scene, fix_articles, parse_caption, probe_queries
 from .generate import GENERATOR_VERSION, generate_scenes, sample_scenes
 from .negatives import attribute_caption, perturb_caption
 from .render import render_scene
-from .truth import caption_matches, claim_holds
+from .truth import caption_matches, claim_holds, shows
 from .world import (
     COLOURS,
     HELD_OUT_PAIRS,
@@ -50,6 +50,7 @@ __all__ = [
     "COLOURS",
     "GENERATOR_VERSION",
     "HELD_OUT_PAIRS",
+    "PROBE_KINDS",
     "RELATIONS",
     "SHAPES",
     "SIZES",
@@ -67,10 +68,12 @@ __all__ = [
     "generate_scenes",
     "parse_caption",
     "perturb_caption",
+    "probe_queries",
     "relation_between",
     "relation_holds",
     "render_scene",
     "sample_group",
     "sample_scene",
     "sample_scenes",
+    "shows",
 ]

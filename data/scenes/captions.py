@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,8 +177,11 @@ _ATTR_SHAPE_RE = re.compile(rf"^(?:a|an) ({'|'.join(SHAPES)})$")
 _ATTR_PREFIX_RE = re.compile(r"^(?:a picture of |an image of |there is )")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_caption(caption: str) -> Claim:
-    """Parse a caption of the scenes grammar into a :class:`Claim` (mentions in order, first relation)."""
+    """Parse a caption of the scenes grammar into a :class:`Claim` (mentions in order, first relation).
+
+    Memoised (a :class:`Claim` is immutable): evaluations judge the same caption against many scenes."""
     text = " ".join(caption.lower().replace(",", " ").replace(":", " ").split())
     mentions = []
     spans = []
@@ -209,3 +213,40 @@ def parse_caption(caption: str) -> Claim:
         elif sm:
             attributes = ((None, sm.group(1)),)
     return Claim(tuple(mentions), relation, total, attributes)
+
+
+# ------------------------------------------------------------------------------------------- probe queries
+
+#: the kinds of :func:`probe_queries`, in order
+PROBE_KINDS: tuple[str, ...] = ("colour_shape", "shape", "count", "relation")
+
+
+def probe_queries(scenes: Iterable[Sequence[SceneObject | Mapping[str, object]]]) -> dict[str, list[str]]:
+    """Queries a user might type, phrased in the caption grammar (each parses back with :func:`parse_caption`),
+    built from what the given scenes draw; per kind of :data:`PROBE_KINDS`, sorted and distinct:
+
+    ``colour_shape`` "a red circle" for every (colour, shape) drawn; ``shape`` "a circle" for every shape drawn;
+    ``count`` "two red circles" for every kind drawn two or three times in one scene; ``relation``
+    "a red circle left of a blue square" for every pair of objects in a clear relation, each drawn once in its
+    scene. Which scenes make a query *true* is :func:`~alignfuse.data.scenes.caption_matches`' to judge."""
+    out: dict[str, set[str]] = {k: set() for k in PROBE_KINDS}
+    for scene in scenes:
+        objs = [o if isinstance(o, SceneObject) else SceneObject(**o) for o in scene]  # type: ignore[arg-type]
+        kinds: dict[tuple[str, str], list[SceneObject]] = {}
+        for o in objs:
+            kinds.setdefault((o.colour, o.shape), []).append(o)
+            out["colour_shape"].add(_phrase(o, with_size=False))
+            out["shape"].add(f"{_article(o.shape)} {o.shape}")
+        for same in kinds.values():
+            if len(same) > 1:
+                out["count"].add(_count_phrase(len(same), same[0], with_size=False))
+        for a in objs:
+            for b in objs:
+                if a is b or len(kinds[(a.colour, a.shape)]) > 1 or len(kinds[(b.colour, b.shape)]) > 1:
+                    continue
+                if (a.colour, a.shape) == (b.colour, b.shape):
+                    continue
+                rel = relation_between(a, b)
+                if rel is not None:
+                    out["relation"].add(f"{_phrase(a, with_size=False)} {rel} {_phrase(b, with_size=False)}")
+    return {k: sorted(v) for k, v in out.items()}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .captions import Claim, Mention, parse_caption
 from .world import SceneObject, relation_holds
@@ -39,7 +40,18 @@ def claim_holds(claim: Claim, objects: Sequence[SceneObject]) -> bool:
     return True
 
 
-def caption_matches(caption: str, objects: Sequence[SceneObject | dict]) -> bool:
+def caption_matches(caption: str, objects: Sequence[SceneObject | Mapping[str, Any]]) -> bool:
     """Whether ``caption`` is true of a scene given as objects (or their JSON dicts)."""
     objs = [o if isinstance(o, SceneObject) else SceneObject(**o) for o in objects]
     return claim_holds(parse_caption(caption), objs)
+
+
+def shows(
+    objects: Sequence[SceneObject | Mapping[str, Any]], colour: str | None = None, shape: str | None = None
+) -> bool:
+    """Whether some drawn object has ``colour`` (if given) and ``shape`` (if given): presence, whatever the
+    count (``caption_matches("a red circle", ...)`` is false of a scene with two red circles; this is true)."""
+    if colour is None and shape is None:
+        return False
+    objs = [o if isinstance(o, SceneObject) else SceneObject(**o) for o in objects]
+    return claim_holds(Claim((), attributes=((colour, shape),)), objs)

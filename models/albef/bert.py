@@ -35,6 +35,20 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_BIAS
 
 
+def linear_params(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias [out] or None) of a Linear as float tensors, also for a dynamically quantized
+    ``torch.ao.nn.quantized.dynamic.Linear`` (whose ``weight``/``bias`` are methods and the weight a quantized
+    tensor): what code that uses a projection's matrix directly (the folded cross-attention) reads."""
+    weight = linear.weight
+    bias = linear.bias
+    if callable(weight):  # quantized Linear: weight() -> qint8 tensor, bias() -> float tensor or None
+        w = weight()
+        weight = w.dequantize() if w.is_quantized else w
+        bias = bias() if callable(bias) else bias
+    assert isinstance(weight, torch.Tensor)
+    return weight, bias if isinstance(bias, torch.Tensor) else None
+
+
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     n, t, _ = x.shape
     return x.view(n, t, heads, -1).transpose(1, 2)  # [n, h, t, d]
@@ -142,7 +156,7 @@ class BertSelfAttention(nn.Module):
         h = self.num_heads
         d = dim // h
         q = self.query(x).view(n_t, t, h, d)
-        wk = self.key.weight.view(h, d, width)
+        wk = linear_params(self.key)[0].to(x.dtype).view(h, d, width)
         qk = torch.einsum("nthd,hdw->nhtw", q, wk).reshape(n_t, h * t, width) * (d**-0.5)
         if n_t == 1:  # one GEMM over all images' tokens: [n_i*L, W] x [W, h*T]
             scores = (tokens.reshape(n_i * length, width) @ qk[0].T).view(n_i, length, h * t)
@@ -152,9 +166,9 @@ class BertSelfAttention(nn.Module):
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p)
         ctx = torch.bmm(probs, tokens).view(n_i, h, t, width)  # attention-weighted image tokens
-        wv = self.value.weight.view(h, d, width)
-        out = torch.einsum("nhtw,hdw->nthd", ctx, wv).reshape(n_i, t, dim)
-        return out + self.value.bias
+        wv, bv = linear_params(self.value)
+        out = torch.einsum("nhtw,hdw->nthd", ctx, wv.to(ctx.dtype).view(h, d, width)).reshape(n_i, t, dim)
+        return out if bv is None else out + bv.to(out.dtype)
 
 
 class BertSelfOutput(nn.Module):

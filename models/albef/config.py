@@ -69,6 +69,7 @@ class AlbefConfig:
     vision_heads: int = 12
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
+    patch_stem: str = "linear"  # "linear" (ALBEF's patch embedding) or "conv" (models/albef/stem.py)
     # heads / text length
     embed_dim: int = 256
     max_text_len: int = 30
@@ -90,6 +91,8 @@ class AlbefConfig:
             problems.append("max_text_len must lie in [1, max_position_embeddings]")
         if self.encoder_width != self.vision_width:
             problems.append("encoder_width (cross-attention K/V input) must equal vision_width")
+        if self.patch_stem not in ("linear", "conv"):
+            problems.append("patch_stem must be 'linear' or 'conv'")
         if self.hidden_act != "gelu":
             problems.append("only hidden_act='gelu' (exact GELU) is supported")
         if problems:

@@ -22,11 +22,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from alignfuse.models.albef.bert import KV, AlbefBert
 from alignfuse.models.albef.config import AlbefConfig
+from alignfuse.models.albef.stem import ConvStemPatchEmbed
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ VIT_LN_EPS = 1e-6
 
 def build_visual_encoder(config: AlbefConfig) -> VisionTransformer:
     """timm ViT as ALBEF configures it: class token, learned pos_embed, qkv bias, LayerNorm eps 1e-6,
-    exact GELU, final norm, no head, no pooling (all tokens returned)."""
+    exact GELU, final norm, no head, no pooling (all tokens returned); ``patch_stem="conv"`` swaps the linear
+    patch embedding for a small convolutional stem (same token grid; our scenes models only)."""
     return VisionTransformer(
         img_size=config.image_res,
         patch_size=config.patch_size,
@@ -49,6 +52,7 @@ def build_visual_encoder(config: AlbefConfig) -> VisionTransformer:
         class_token=True,
         norm_layer=partial(nn.LayerNorm, eps=VIT_LN_EPS),
         drop_path_rate=config.drop_path_rate,
+        embed_layer=ConvStemPatchEmbed if config.patch_stem == "conv" else PatchEmbed,
     )
 
 

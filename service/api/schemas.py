@@ -23,6 +23,8 @@ from ..types import (
     ModelsInfo,
     SearchHit,
     SearchResponse,
+    Suggestion,
+    Suggestions,
     Timings,
 )
 
@@ -173,6 +175,14 @@ class ModelsOut(ModelsInfo, _Out):
 class CollectionsOut(BaseModel):
     collections: list[CollectionOut]
     models: ModelsOut
+
+
+class SuggestionOut(Suggestion, _Out):
+    pass
+
+
+class SuggestionsOut(Suggestions, _Out):
+    suggestions: list[SuggestionOut]
 
 
 class ItemOut(ItemInfo, _Out):

@@ -40,6 +40,23 @@ console = Console()
 
 MODALITIES = ("image", "text")
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--runtime",
+        help="torch, onnx (ONNX Runtime, CPU) or auto (ONNX Runtime on a CPU for large models, else torch).",
+    ),
+]
+PRECISION_HELP = "fp32, fp16 or bf16 (GPU), int8 (CPU, quantized weights)."
+
+
+def check_runtime(runtime: str) -> str:
+    """``--runtime`` checked against :data:`alignfuse.models.base.RUNTIMES`."""
+    from alignfuse.models.base import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise InvalidInputError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    return runtime
 
 
 def check_device(device: str) -> str:

@@ -1,105 +1,41 @@
 """``alignfuse demo``: the built-in offline default, end to end.
 
-Generates the held-out synthetic scenes (if absent), builds a collection with the shipped ALBEF (dual encoder =
-its ITC side, rerank cache of its image tokens), finds example queries where the ITM rerank changes the order,
-prints them, and serves the web page.
+Generates the held-out synthetic scenes (if absent) and builds two collections over them, one per pipeline:
+``scenes`` (the shipped ALBEF's ITC side as dual encoder → its ITM head) and ``scenes-clip`` (the shipped CLIP
+→ the same ALBEF ITM), both with a rerank cache of ALBEF's image tokens. Measures both truth-aware
+(:mod:`.demo_report`): R@1/R@5, how often the rerank moved the first true image up or down, and suggested
+queries where the rerank helps (written for the page). Then serves the page, where the pipeline is chosen.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from alignfuse.index import BuildReport
+    from alignfuse.models.base import CrossEncoder, DualEncoder
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "alignfuse:scenes-albef"
+CLIP_MODEL = "alignfuse:scenes-clip"
 COLLECTION = "scenes"
+CLIP_COLLECTION = "scenes-clip"
 
 
-@dataclass(frozen=True)
-class Example:
-    query: str
-    rank_itc: int | None  # rank of the true image by ITC alone among the candidates (None: not in the top-k)
-    rank_itm: int | None  # its rank after the rerank
-
-
-def _true_rank(hits: list, target_name: str, attr: str) -> int | None:
-    for hit in hits:
-        if Path(hit.uri).name == target_name:
-            return int(getattr(hit, attr))
-    return None
-
-
-def find_examples(
-    engine: object, karpathy: Path, *, probe: int = 80, k: int = 10
-) -> tuple[list[Example], int, int, int]:
-    """Run ``probe`` test captions with and without rerank; return examples where the rerank fixed the order,
-    and how many probes the rerank improved / worsened (rank of the caption's own image)."""
-    import json
-
-    from ..types import SearchRequest
-
-    entries = json.loads(karpathy.read_text())
-    fixed: list[Example] = []
-    better = worse = 0
-    for entry in entries[:probe]:
-        caption = entry["caption"][0] if isinstance(entry["caption"], list) else entry["caption"]
-        name = Path(entry["image"]).name
-        itc = engine.search_sync(SearchRequest(collection=COLLECTION, text=caption, k=k, rerank=False))  # type: ignore[attr-defined]
-        itm = engine.search_sync(SearchRequest(collection=COLLECTION, text=caption, k=k, rerank=True))  # type: ignore[attr-defined]
-        r_itc = _true_rank(list(itc.hits), name, "rank")
-        r_itm = _true_rank(list(itm.hits), name, "rank")
-        a = r_itc if r_itc is not None else k + 1
-        b = r_itm if r_itm is not None else k + 1
-        better += b < a
-        worse += b > a
-        if b == 1 and a > 1:
-            fixed.append(Example(caption, r_itc, r_itm))
-    return fixed, better, worse, min(probe, len(entries))
-
-
-def demo(
-    data: Path = typer.Option(
-        Path("demo-data"), "--data", help="Where the scenes and the collection are written."
-    ),
-    count: int = typer.Option(1000, "--count", min=10, help="Number of test scenes in the demo gallery."),
-    seed: int = typer.Option(
-        3, "--seed", help="Scene generator seed (3 = the held-out test split of the shipped models' cards)."
-    ),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    serve: bool = typer.Option(True, "--serve/--no-serve", help="Serve the web page after building."),
-    examples: int = typer.Option(5, "--examples", min=0, help="How many example queries to print."),
-    model: str = typer.Option(DEMO_MODEL, "--model", help="ALBEF-family spec serving both stages."),
-) -> None:
-    """Build the offline demo (synthetic scenes + shipped models) and serve it on http://HOST:PORT."""
-    from alignfuse.data.scenes import generate_scenes
+def _build(
+    target: Path, karpathy: Path, scenes_dir: Path, dual: DualEncoder, cross: CrossEncoder
+) -> BuildReport:
+    """Build (or resume) one demo collection; one built by other weights (an upgrade of the shipped
+    models, another --model) is derived data: moved aside, rebuilt, and only then deleted, so an
+    interrupted rebuild loses nothing."""
     from alignfuse.errors import EncoderMismatchError
-    from alignfuse.index import BuildOptions, BuildReport, build_collection, open_source
-    from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
-
-    from ..api import create_app
-    from ..engine import SearchEngine
-    from ..settings import ModelSettings, ServerSettings, Settings
-
-    scenes_dir = data / f"scenes-test-seed{seed}-n{count}"
-    karpathy = scenes_dir / "scenes.json"
-    if not karpathy.is_file():
-        typer.echo(f"generating {count} test scenes in {scenes_dir} ...", err=True)
-        generate_scenes(scenes_dir, seed=seed, count=count, split="test")
-    collections = data / "collections"
-    typer.echo(
-        f"building collection {collections / COLLECTION} with {model} (resumes if interrupted) ...",
-        err=True,
-    )
-    dual = create_dual_encoder(model)
-    cross = create_cross_encoder(model)
-    target = collections / COLLECTION
-    stale = collections / f".{COLLECTION}.stale"
+    from alignfuse.index import BuildOptions, build_collection, open_source
 
     def build() -> BuildReport:
         return build_collection(
@@ -110,41 +46,95 @@ def demo(
             cross_encoder=cross,
         )
 
+    stale = target.parent / f".{target.name}.stale"
     try:
-        report = build()
+        return build()
     except EncoderMismatchError as exc:
-        # the demo collection is derived data: built by older shipped weights (or another --model), it is
-        # moved aside, rebuilt, and only then deleted, so an interrupted rebuild loses nothing
         typer.echo(f"{exc.message}\nrebuilding the demo collection for {dual.info.id} ...", err=True)
         shutil.rmtree(stale, ignore_errors=True)
         target.rename(stale)
         report = build()
         shutil.rmtree(stale, ignore_errors=True)
-    typer.echo(
-        f"collection ready: {report.added} items added, {report.skipped_existing} already there, "
-        f"{len(report.failed)} failed, {report.seconds:.1f}s",
-        err=True,
-    )
+        return report
+
+
+def demo(
+    data: Path = typer.Option(
+        Path("demo-data"), "--data", help="Where the scenes and the collections are written."
+    ),
+    count: int = typer.Option(1000, "--count", min=10, help="Number of test scenes in the demo gallery."),
+    seed: int = typer.Option(
+        3, "--seed", help="Scene generator seed (3 = the held-out test split of the shipped models' cards)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="Serve the web page after building."),
+    examples: int = typer.Option(
+        5, "--examples", min=0, help="How many suggested queries to print per pipeline (0: measure nothing)."
+    ),
+    probe: int = typer.Option(
+        80, "--probe", min=1, help="Test captions the printed R@1/R@5 are measured on."
+    ),
+    candidates: int = typer.Option(64, "--candidates", min=1, help="Candidates reranked per measured query."),
+    model: str = typer.Option(
+        DEMO_MODEL, "--model", help="ALBEF-family spec: the reranker, and the dual encoder of 'scenes'."
+    ),
+    clip_model: str = typer.Option(
+        CLIP_MODEL,
+        "--clip-model",
+        help="Dual encoder of the second pipeline ('scenes-clip', reranked by --model); 'none' for one pipeline.",
+    ),
+) -> None:
+    """Build the offline demo (synthetic scenes, shipped models, two pipelines) and serve it on
+    http://HOST:PORT: 'scenes' (ALBEF ITC → ALBEF ITM) and 'scenes-clip' (CLIP → ALBEF ITM)."""
+    from alignfuse.data.scenes import generate_scenes
+    from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
+
+    from ..api import create_app
+    from ..engine import SearchEngine
+    from ..settings import ModelSettings, ServerSettings, Settings
+    from .demo_report import Pipeline, measure, summary_lines
+
+    scenes_dir = data / f"scenes-test-seed{seed}-n{count}"
+    karpathy = scenes_dir / "scenes.json"
+    if not karpathy.is_file():
+        typer.echo(f"generating {count} test scenes in {scenes_dir} ...", err=True)
+        generate_scenes(scenes_dir, seed=seed, count=count, split="test")
+    collections = data / "collections"
+    cross = create_cross_encoder(model)
+    pipelines = [Pipeline(COLLECTION, model, model)]
+    if clip_model.strip().lower() not in ("", "none", "off"):
+        pipelines.append(Pipeline(CLIP_COLLECTION, clip_model, model))
+    for p in pipelines:
+        typer.echo(
+            f"building collection {collections / p.collection} ({p.label}; resumes if interrupted) ...",
+            err=True,
+        )
+        report = _build(collections / p.collection, karpathy, scenes_dir, create_dual_encoder(p.dual), cross)
+        typer.echo(
+            f"collection {p.collection} ready: {report.added} items added, {report.skipped_existing} already "
+            f"there, {len(report.failed)} failed, {report.seconds:.1f}s",
+            err=True,
+        )
+    # the served engine holds one dual encoder per collection encoder (ALBEF's ITC side and the CLIP)
+    # and the one reranker; ALBEF → ALBEF is the default
     settings = Settings(
         collections=collections,
         models=ModelSettings(dual_encoder=model, reranker=model),
         server=ServerSettings(host=host, port=port),
     )
     if examples:
-        engine = SearchEngine(settings, dual_encoder=dual, cross_encoder=cross)
+        engine = SearchEngine(settings)
         engine.load()
         try:
-            fixed, better, worse, probed = find_examples(engine, karpathy)
+            reports = [
+                measure(engine, p, karpathy, collections / p.collection, probe=probe, candidates=candidates)
+                for p in pipelines
+            ]
         finally:
             engine.close()
-        typer.echo(
-            f"\nOn {probed} test captions the ITM rerank moved the caption's own image up for {better} and down for "
-            f"{worse}. Queries where the rerank puts the right image first (ITC had it lower):"
-        )
-        for ex in fixed[:examples]:
-            before = f"#{ex.rank_itc}" if ex.rank_itc is not None else "not in top 10"
-            typer.echo(f"  - {ex.query!r}: dual encoder {before} -> reranked #{ex.rank_itm}")
-        typer.echo("Also try: 'two red circles', 'a blue star left of a green square', or upload an image.\n")
+        for line in summary_lines(reports, examples):
+            typer.echo(line)
     if not serve:
         return
     import uvicorn

@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from ._common import PRECISION_HELP
+
 
 def serve(
     host: str | None = typer.Option(None, "--host", help="Bind address (default from settings: 127.0.0.1)."),
@@ -25,7 +27,12 @@ def serve(
         None, "--reranker", help="Cross-encoder spec, or 'none' (default: the one recorded in the manifests)."
     ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32, fp16 or bf16."),
+    precision: str | None = typer.Option(None, "--precision", help=PRECISION_HELP),
+    runtime: str | None = typer.Option(
+        None,
+        "--runtime",
+        help="torch, onnx (ONNX Runtime, CPU) or auto (default: ONNX Runtime on a CPU for large models).",
+    ),
     max_batch: int | None = typer.Option(None, "--max-batch", help="Micro-batch size (1 = per-request)."),
     api_key: str | None = typer.Option(
         None, "--api-key", envvar="ALIGNFUSE_API_KEY", help="Require 'Authorization: Bearer KEY' for writes."
@@ -52,6 +59,8 @@ def serve(
         models["device"] = device
     if precision is not None:
         models["precision"] = precision
+    if runtime is not None:
+        models["runtime"] = runtime
     if models:
         updates["models"] = base.models.model_copy(update=models)
     if max_batch is not None:

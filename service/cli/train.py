@@ -70,6 +70,12 @@ def train(
         0.0, "--group-mix", help="Share of each batch filled with group siblings."
     ),
     group_mix_after: float = typer.Option(1.0, "--group-mix-after", help="Epochs before --group-mix starts."),
+    mate_mix: float = typer.Option(
+        0.0,
+        "--mate-mix",
+        help="Share of each batch filled with colour mates (same colours, other shapes) of other batch images.",
+    ),
+    mate_mix_after: float = typer.Option(0.0, "--mate-mix-after", help="Epochs before --mate-mix starts."),
     queue_size: int = typer.Option(4096, "--queue-size"),
     momentum: float = typer.Option(0.995, "--momentum", help="ALBEF: momentum-encoder EMA factor."),
     itm_balance: bool = typer.Option(
@@ -131,6 +137,8 @@ def train(
             perturb_easy_end=perturb_easy[1],
             group_mix=group_mix,
             group_mix_after=group_mix_after,
+            mate_mix=mate_mix,
+            mate_mix_after=mate_mix_after,
             eval_max_images=eval_images,
             time_schedule=time_schedule,
         ),

@@ -3,21 +3,31 @@ rows and thumbnails."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from alignfuse.errors import AlignfuseError, InvalidInputError, NotFoundError
 from alignfuse.index.collection import Collection, is_collection
 from alignfuse.index.manifest import Manifest
 from alignfuse.index.types import Item, Modality
+from alignfuse.models.base import DualEncoder, ModelInfo
 
+from ..batching import DeviceWorker
 from ..images import load_image_file, resolve_uri, thumbnail_jpeg
-from ..types import CollectionInfo, ItemInfo
+from ..types import CollectionInfo, ItemInfo, Suggestion, Suggestions
 from .handles import Handle, check_collection_name, check_item_id, public_metadata, public_uri
 from .lifecycle import EngineBase
 
 log = logging.getLogger(__name__)
+
+SUGGESTIONS_FILE = "suggestions.json"
+"""``<collection>/suggestions.json``: ``{"suggestions": [Suggestion, ...]}``, best first."""
+MAX_SUGGESTIONS = 50
+MAX_SUGGESTIONS_BYTES = 1 << 20
 
 
 class CollectionsMixin(EngineBase):
@@ -34,7 +44,7 @@ class CollectionsMixin(EngineBase):
         path = self.root / name
         if not is_collection(path):
             raise NotFoundError(f"no collection named {name!r}", detail={"collection": name})
-        coll = Collection.open(path, encoder=self.dual.info)
+        coll = Collection.open(path, encoder=self._encoder_for(path))
         with self._handles_lock:
             h = self._handles.get(name)
             if h is None:
@@ -42,6 +52,23 @@ class CollectionsMixin(EngineBase):
             else:
                 coll.close()
         return h
+
+    def _encoder_for(self, path: Path) -> ModelInfo:
+        """The loaded dual encoder a collection is opened (checked) with: the one of its manifest's spec
+        when this server holds it, else the default one (the open then fails with the index's own
+        EncoderMismatchError, naming both models), or a 409 naming why that encoder failed to load."""
+        assert self.dual is not None
+        spec = Manifest.load(path / "manifest.json").encoder.spec
+        dual = self.duals.get(spec)
+        if dual is not None:
+            return dual.info
+        if spec in self._dual_errors:
+            self.dual_of(spec)  # raises: the collection's encoder could not be loaded, and why
+        return self.dual.info
+
+    def dual_for(self, h: Handle) -> tuple[DualEncoder, DeviceWorker]:
+        """The dual encoder (and its device worker) that encodes queries and items of ``h``'s collection."""
+        return self.dual_of(h.dual_spec)
 
     def _cached_handle(self, name: str) -> Handle | None:
         """The open handle when no refresh check is due (no I/O: safe on the event loop), else None."""
@@ -95,6 +122,24 @@ class CollectionsMixin(EngineBase):
     def collection_info(self, name: str) -> CollectionInfo:
         h = self._handle(name)
         return self._info(name, h.coll.manifest, True, None)
+
+    def suggestions(self, name: str) -> Suggestions:
+        """The queries suggested for collection ``name`` (its ``suggestions.json``, written by ``alignfuse
+        demo``); none when it has no such file, or an unreadable one (logged)."""
+        h = self._handle(name)
+        path = h.coll.path / SUGGESTIONS_FILE
+        out: list[Suggestion] = []
+        try:
+            if path.is_file() and path.stat().st_size <= MAX_SUGGESTIONS_BYTES:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                rows = data.get("suggestions", []) if isinstance(data, dict) else []
+                out = [Suggestion.model_validate(r) for r in rows[:MAX_SUGGESTIONS]]
+            elif path.is_file():
+                log.warning("ignoring %s: over %d bytes", path, MAX_SUGGESTIONS_BYTES)
+        except (OSError, ValueError, ValidationError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            out = []
+        return Suggestions(collection=name, suggestions=out)
 
     @staticmethod
     def _item_info(it: Item, base: Path) -> ItemInfo:

@@ -51,10 +51,12 @@ def scan_manifests(root: Path) -> list[tuple[str, Manifest]]:
 
 
 class Handle:
-    """An open collection, when it last checked for a newer committed version, and its locks."""
+    """An open collection, the spec of the dual encoder that built it (and encodes its queries), when it
+    last checked for a newer committed version, and its locks."""
 
     def __init__(self, coll: Collection) -> None:
         self.coll = coll
+        self.dual_spec = coll.manifest.encoder.spec
         self.checked = time.monotonic()
         self.refresh_lock = threading.Lock()
         self.write_lock = asyncio.Lock()

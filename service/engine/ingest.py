@@ -49,8 +49,7 @@ class IngestMixin(CollectionsMixin, RerankInputsMixin):
                     f"caption over {lim.max_text_chars} characters", detail={"max_length": lim.max_text_chars}
                 )
         h = await self._io(self._handle, name)
-        dual, cross = self.dual, self.cross
-        assert dual is not None and self._dual_worker is not None
+        (dual, dual_worker), cross = self.dual_for(h), self.cross
         fc = self._feature_cache(h) if h.coll.manifest.features is not None else None
         want_tokens = fc is not None and self._cross_worker is not None and cross is not None
 
@@ -71,7 +70,7 @@ class IngestMixin(CollectionsMixin, RerankInputsMixin):
 
         shas, fmts, pixels, cross_pixels = await self._io(prepare)
         timeout = lim.request_timeout_s
-        vecs = await self._dual_worker.run("images", pixels, cost=len(uploads), timeout=timeout)
+        vecs = await dual_worker.run("images", pixels, cost=len(uploads), timeout=timeout)
         tokens: np.ndarray | None = None
         if cross_pixels is not None and self._cross_worker is not None:
             tokens = await self._cross_worker.run("tokens", cross_pixels, cost=len(uploads), timeout=timeout)
@@ -120,8 +119,8 @@ class IngestMixin(CollectionsMixin, RerankInputsMixin):
                     detail={"index": i, "min_length": 1, "max_length": lim.max_text_chars},
                 )
         h = await self._io(self._handle, name)
-        assert self._dual_worker is not None
-        vecs = await self._dual_worker.run(
+        _, dual_worker = self.dual_for(h)
+        vecs = await dual_worker.run(
             "texts", [t.text for t in texts], cost=len(texts), timeout=lim.request_timeout_s
         )
         new_items = [

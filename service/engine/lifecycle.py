@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -23,6 +23,7 @@ from PIL import Image
 
 from alignfuse.errors import (
     AlignfuseError,
+    EncoderMismatchError,
     InvalidInputError,
     ModelUnavailableError,
     NotReadyError,
@@ -31,6 +32,7 @@ from alignfuse.errors import (
 from alignfuse.index.manifest import Manifest
 from alignfuse.models.base import CrossEncoder, DualEncoder
 from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
+from alignfuse.models.runtime import runtime_label
 
 from ..batching import BatchConfig, BatchEvent, DeviceWorker
 from ..metrics import Metrics
@@ -47,7 +49,11 @@ T = TypeVar("T")
 
 
 class EngineBase:
-    """Owns the models, one device worker per model, the I/O thread pool and the concurrency limit."""
+    """Owns the models, one device worker per model, the I/O thread pool and the concurrency limit.
+
+    Dual encoders: one per distinct encoder the collections were built with, keyed by spec (``duals``);
+    ``dual`` is the default one (the configured or most common), which ``/readyz`` reports first. The
+    reranker is one model for every collection."""
 
     def __init__(
         self,
@@ -56,12 +62,20 @@ class EngineBase:
         metrics: Metrics | None = None,
         dual_encoder: DualEncoder | None = None,
         cross_encoder: CrossEncoder | None = None,
+        dual_encoders: Sequence[DualEncoder] = (),
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self.root = Path(settings.collections).expanduser()
         self.dual: DualEncoder | None = dual_encoder
         self.cross: CrossEncoder | None = cross_encoder
+        # further dual encoders given here serve the collections they built (tests, notebooks)
+        self._extra_duals: tuple[DualEncoder, ...] = tuple(dual_encoders)
+        if dual_encoder is None and self._extra_duals:
+            raise InvalidInputError("dual_encoders needs dual_encoder (the default one) too")
+        self.duals: dict[str, DualEncoder] = {}
+        self._dual_workers: dict[str, DeviceWorker] = {}
+        self._dual_errors: dict[str, AlignfuseError] = {}  # spec → why it could not be loaded
         self._dual_worker: DeviceWorker | None = None
         self._cross_worker: DeviceWorker | None = None
         self._handles: dict[str, Handle] = {}
@@ -75,10 +89,11 @@ class EngineBase:
                 max_queue_wait_s=b.max_queue_wait_ms / 1000.0, max_in_flight=b.max_concurrent_requests
             )
         )
-        self._device_lock = threading.Lock()  # both models sit on settings.models.device
+        self._device_lock = threading.Lock()  # every model sits on settings.models.device
         self._ready = threading.Event()
         self.load_error: AlignfuseError | None = None
         self._closed = False
+        self._injected = dual_encoder is not None
 
     @property
     def ready(self) -> bool:
@@ -114,21 +129,55 @@ class EngineBase:
             reranker = None
         return dual, reranker
 
+    def _create_dual(self, spec: str) -> DualEncoder:
+        ms = self.settings.models
+        log.info("loading dual encoder %s on %s (%s)", spec, ms.device, ms.precision)
+        return create_dual_encoder(spec, ms.device, ms.precision, ms.runtime, ms.graph_cache_dir)
+
+    def _create_cross(self, spec: str) -> CrossEncoder:
+        ms = self.settings.models
+        log.info("loading reranker %s", spec)
+        return create_cross_encoder(spec, ms.device, ms.precision, ms.runtime, ms.graph_cache_dir)
+
+    def collection_encoders(self) -> list[str]:
+        """The distinct dual-encoder specs the collections under the root were built with (sorted)."""
+        return sorted({m.encoder.spec for _, m in self._manifests()})
+
+    def _load_duals(self) -> None:
+        """``duals``: the default dual encoder plus one per other encoder a collection names (bounded by the
+        collections present at start). One that fails to load is recorded: searching its collections is a
+        409 naming why, the rest are served."""
+        assert self.dual is not None
+        self.duals = {self.dual.info.spec: self.dual}
+        if self._injected:  # models given to the constructor are used as they are
+            for d in self._extra_duals:
+                self.duals.setdefault(d.info.spec, d)
+            return
+        for spec in self.collection_encoders():
+            if spec in self.duals:
+                continue
+            try:
+                self.duals[spec] = self._create_dual(spec)
+            except AlignfuseError as exc:
+                self._dual_errors[spec] = exc
+                log.warning("dual encoder %s of some collections could not be loaded: %s", spec, exc.message)
+            except Exception as exc:
+                self._dual_errors[spec] = ModelUnavailableError(f"{type(exc).__name__}: {exc}")
+                log.exception("dual encoder %s could not be loaded", spec)
+
     def load(self) -> None:
         """Load (unless injected) and warm the models, start the device workers. Idempotent."""
         if self.ready:
             return
         try:
-            ms = self.settings.models
             if self.dual is None:
                 dual_spec, rr_spec = self.model_specs()
-                log.info("loading dual encoder %s on %s (%s)", dual_spec, ms.device, ms.precision)
-                self.dual = create_dual_encoder(dual_spec, ms.device, ms.precision)
+                self.dual = self._create_dual(dual_spec)
                 if rr_spec is not None:
-                    log.info("loading reranker %s", rr_spec)
-                    self.cross = create_cross_encoder(rr_spec, ms.device, ms.precision)
+                    self.cross = self._create_cross(rr_spec)
+            self._load_duals()
             self._start_workers()
-            if ms.warmup:
+            if self.settings.models.warmup:
                 self._warmup()
         except AlignfuseError as exc:
             self.load_error = exc
@@ -154,17 +203,22 @@ class EngineBase:
             queue_size=b.queue_size,
             max_cost={"texts": max(b.max_batch, 1), "images": max(b.max_batch, 1)},
         )
-        dk = DualKernels(self.dual)
-        self._dual_worker = DeviceWorker(
-            "dual",
-            {"texts": dk.texts, "images": dk.images},
-            cfg,
-            on_batch=self._on_batch,
-            announced=True,
-            device_lock=self._device_lock,
-        )
-        self._dual_worker.start()
-        self.metrics.track_queue("dual", lambda: float(self._dual_worker.depth if self._dual_worker else 0))
+        # one worker per dual encoder: "dual" for the default one, "dual-2", "dual-3", ... for the others
+        for i, (spec, dual) in enumerate(self.duals.items()):
+            name = "dual" if i == 0 else f"dual-{i + 1}"
+            dk = DualKernels(dual)
+            worker = DeviceWorker(
+                name,
+                {"texts": dk.texts, "images": dk.images},
+                cfg,
+                on_batch=self._on_batch,
+                announced=True,
+                device_lock=self._device_lock,
+            )
+            worker.start()
+            self._dual_workers[spec] = worker
+            self.metrics.track_queue(name, partial(_depth, worker))
+        self._dual_worker = self._dual_workers[self.dual.info.spec]
         if self.cross is not None:
             ck = CrossKernels(self.cross, b.max_pairs)
             ccfg = replace(cfg, max_cost={"rerank": b.max_pairs, "tokens": BULK_CHUNK})
@@ -182,11 +236,12 @@ class EngineBase:
             )
 
     def _warmup(self) -> None:
-        assert self.dual is not None and self._dual_worker is not None
         timeout = max(60.0, self.settings.limits.request_timeout_s)
-        self._dual_worker.run_sync("texts", ["warm up"], timeout=timeout)
         blank = Image.new("RGB", (32, 32), (127, 127, 127))
-        self._dual_worker.run_sync("images", self.dual.image_transform(blank).unsqueeze(0), timeout=timeout)
+        for spec, dual in self.duals.items():
+            worker = self._dual_workers[spec]
+            worker.run_sync("texts", ["warm up"], timeout=timeout)
+            worker.run_sync("images", dual.image_transform(blank).unsqueeze(0), timeout=timeout)
         if self.cross is not None and self._cross_worker is not None:
             px = self.cross.image_transform(blank).unsqueeze(0)
             self._cross_worker.run_sync("rerank", RerankJob(("warm up",), None, px), cost=1, timeout=timeout)
@@ -197,7 +252,7 @@ class EngineBase:
         self._closed = True
         self._ready.clear()
         self.metrics.ready.set(0)
-        for w in (self._dual_worker, self._cross_worker):
+        for w in (*self._dual_workers.values(), self._cross_worker):
             if w is not None:
                 w.stop()
         with self._handles_lock:
@@ -217,21 +272,37 @@ class EngineBase:
         if not self.ready:
             raise NotReadyError("models are still loading; retry shortly")
 
+    def dual_of(self, spec: str) -> tuple[DualEncoder, DeviceWorker]:
+        """The loaded dual encoder ``spec`` and its worker. EncoderMismatchError (409) when this server does
+        not hold it (naming why, when loading it failed)."""
+        dual, worker = self.duals.get(spec), self._dual_workers.get(spec)
+        if dual is None or worker is None:
+            err = self._dual_errors.get(spec)
+            why = f": loading it failed ({err.message})" if err is not None else ""
+            raise EncoderMismatchError(
+                f"this server does not hold dual encoder {spec!r}{why}",
+                detail={"expected": spec, "loaded": sorted(self.duals)},
+            )
+        return dual, worker
+
     def models_info(self) -> ModelsInfo:
         if self.dual is None:
             raise NotReadyError("models are still loading")
         return ModelsInfo(
             dual_encoder=self.dual.info.spec,
             dual_encoder_id=self.dual.info.id,
+            dual_encoders=list(self.duals) or [self.dual.info.spec],
             reranker=None if self.cross is None else self.cross.info.spec,
             reranker_id=None if self.cross is None else self.cross.info.id,
             device=self.settings.models.device,
             precision=self.settings.models.precision,
+            runtime=runtime_label(self.dual, self.cross),
             default_fusion=None if self.cross is None else self.cross.info.default_fusion,
         )
 
-    def _itc_logit_scale(self) -> float | None:
-        return None if self.dual is None else self.dual.info.itc_logit_scale
+    def _itc_logit_scale(self, dual: DualEncoder | None = None) -> float | None:
+        dual = self.dual if dual is None else dual
+        return None if dual is None else dual.info.itc_logit_scale
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (disk, SQLite, FAISS, image decoding) on the I/O pool, off the event loop."""
@@ -265,3 +336,7 @@ class EngineBase:
         if idle and self.admission.due_for_trim() and not self._closed:
             with contextlib.suppress(RuntimeError):  # the pool was shut down meanwhile
                 self._pool.submit(trim_memory)
+
+
+def _depth(worker: DeviceWorker) -> float:
+    return float(worker.depth)

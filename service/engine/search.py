@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 
 from alignfuse.errors import OverloadedError, RequestTimeoutError
+from alignfuse.models.base import DualEncoder
 
+from ..batching import DeviceWorker
 from ..images import open_image
 from ..types import SearchRequest, SearchResponse, Timings
 from .collections import CollectionsMixin
@@ -36,20 +38,26 @@ from .rerank_inputs import RerankInputsMixin
 
 
 class SearchMixin(CollectionsMixin, RerankInputsMixin):
-    def plan(self, req: SearchRequest) -> SearchPlan:
-        """What ``req`` will do on this engine (InvalidInputError when it cannot run)."""
+    def plan(self, req: SearchRequest, dual: DualEncoder | None = None) -> SearchPlan:
+        """What ``req`` will do on this engine (InvalidInputError when it cannot run). ``dual``: the dual
+        encoder of the collection searched (its logit scale checks the fusion), by default the default one."""
         return plan_search(
             req,
             self.settings.limits,
             has_reranker=self.cross is not None,
             reranker_fusion=None if self.cross is None else self.cross.info.default_fusion,
-            itc_logit_scale=self._itc_logit_scale(),
+            itc_logit_scale=self._itc_logit_scale(dual),
         )
+
+    def _planned_dual(self, name: str) -> DualEncoder | None:
+        """The dual encoder of collection ``name`` when its handle is open (no I/O), else None (the default)."""
+        h = self._handles.get(name)
+        return None if h is None else self.duals.get(h.dual_spec)
 
     async def search(self, req: SearchRequest) -> SearchResponse:
         """Run one search (see :class:`~alignfuse.service.types.SearchRequest`). Raises domain errors only."""
         self.require_ready()
-        plan = self.plan(req)
+        plan = self.plan(req, self._planned_dual(req.collection))
         self._enter()
         timeout = self.settings.limits.request_timeout_s
         try:
@@ -73,14 +81,18 @@ class SearchMixin(CollectionsMixin, RerankInputsMixin):
         # Each worker is told which requests will submit to it soon, so it holds a batch open only when a
         # task is actually on its way. ``claim`` hands the announcement to the submit that follows it
         # (``submit(..., expected=True)`` consumes it atomically with the enqueue); ``release`` withdraws
-        # one that will not be submitted.
-        assert self._dual_worker is not None
-        workers = {"dual": self._dual_worker}
-        if plan.rerank and self._cross_worker is not None:
-            workers["cross"] = self._cross_worker
-        pending = set(workers)
-        for w in workers.values():
+        # one that will not be submitted. The dual worker is the one of the collection's encoder: known at
+        # once when its handle is open, else announced only once the collection is opened.
+        workers: dict[str, DeviceWorker] = {}
+        pending: set[str] = set()
+
+        def announce(worker: str, w: DeviceWorker) -> None:
+            workers[worker] = w
+            pending.add(worker)
             w.expect()
+
+        def announced(worker: str) -> DeviceWorker | None:
+            return workers.get(worker) if worker in pending else None
 
         def claim(worker: str) -> None:
             pending.discard(worker)
@@ -90,8 +102,13 @@ class SearchMixin(CollectionsMixin, RerankInputsMixin):
                 pending.discard(worker)
                 workers[worker].unexpect()
 
+        h = self._handles.get(req.collection)
+        if h is not None and h.dual_spec in self._dual_workers:
+            announce("dual", self._dual_workers[h.dual_spec])
+        if plan.rerank and self._cross_worker is not None:
+            announce("cross", self._cross_worker)
         try:
-            return await self._search_stages(req, plan, claim, release)
+            return await self._search_stages(req, plan, claim, release, announced)
         finally:
             for name in list(pending):
                 release(name)
@@ -100,13 +117,13 @@ class SearchMixin(CollectionsMixin, RerankInputsMixin):
         self, name: str, h: Handle | None, image: bytes
     ) -> tuple[Handle, Image.Image, torch.Tensor]:
         """Hop 1 of an image query (I/O pool): the collection handle, the decoded query image and its
-        dual-encoder pixels."""
-        assert self.dual is not None
+        pixels for the collection's dual encoder."""
         lim = self.settings.limits
         if h is None:
             h = self._handle(name)
+        dual, _ = self.dual_for(h)
         img = open_image(image, max_bytes=lim.max_upload_bytes, max_pixels=lim.max_pixels, what="query image")
-        return h, img, self.dual.image_transform(img).unsqueeze(0)
+        return h, img, dual.image_transform(img).unsqueeze(0)
 
     def _candidates(
         self, h: Handle, vec: np.ndarray, plan: SearchPlan, text: str | None, query_img: Image.Image | None
@@ -136,24 +153,30 @@ class SearchMixin(CollectionsMixin, RerankInputsMixin):
         plan: SearchPlan,
         claim: Callable[[str], None],
         release: Callable[[str], None],
+        announced: Callable[[str], DeviceWorker | None],
     ) -> SearchResponse:
         t0 = time.perf_counter()
-        assert self._dual_worker is not None and self.dual is not None
         h = self._cached_handle(req.collection)
-        # 1. encode the query (micro-batched on the dual worker)
+        # 1. encode the query (micro-batched on the worker of the collection's dual encoder)
         query_img: Image.Image | None = None
-        if req.text is not None:
-            if h is None:
-                h = await self._io(self._handle, req.collection)
-            claim("dual")
-            fut = self._dual_worker.submit("texts", [req.text], expected=True)
-        else:
+        pixels: torch.Tensor | None = None
+        if req.text is None:
             assert req.image is not None
             h, query_img, pixels = await self._io(self._open_image_query, req.collection, h, req.image)
-            claim("dual")
-            fut = self._dual_worker.submit("images", pixels, expected=True)
-        vec = (await self._dual_worker.wait(fut, "encode")).reshape(-1)
+        elif h is None:
+            h = await self._io(self._handle, req.collection)
         assert h is not None
+        dual, dual_worker = self.dual_for(h)
+        if dual is not self.dual:
+            plan = self.plan(req, dual)  # the fusion is checked against this encoder's logit scale
+        # announced in :meth:`_search` when the collection was open already (the usual case)
+        expected = announced("dual") is dual_worker
+        claim("dual")
+        if pixels is None:
+            fut = dual_worker.submit("texts", [req.text], expected=expected)
+        else:
+            fut = dual_worker.submit("images", pixels, expected=expected)
+        vec = (await dual_worker.wait(fut, "encode")).reshape(-1)
         t1 = time.perf_counter()
         # 2. candidates from the ANN index, their items and rerank inputs, in one hop
         cands = await self._io(self._candidates, h, vec, plan, req.text, query_img)
@@ -180,7 +203,7 @@ class SearchMixin(CollectionsMixin, RerankInputsMixin):
                 self.metrics.rerank_failed.inc(int(cands.failed.sum()))
         release("cross")
         t3 = time.perf_counter()
-        hits, itc_hits = rank(req, plan, cands, logit, prob, self._itc_logit_scale(), h.coll.path)
+        hits, itc_hits = rank(req, plan, cands, logit, prob, self._itc_logit_scale(dual), h.coll.path)
         t4 = time.perf_counter()
         timings = Timings(
             encode=(t1 - t0) * 1e3, ann=(t2 - t1) * 1e3, rerank=(t3 - t2) * 1e3, total=(t4 - t0) * 1e3

@@ -9,8 +9,9 @@
     k: $("k"), candidates: $("candidates"), fusion: $("fusion"), target: $("target"), rerank: $("rerank"),
     itc: $("itc-results"), itm: $("itm-results"), stats: $("stats"), timings: $("timings"),
     summary: $("summary"), status: $("status"), models: $("models"), apiKey: $("api-key"),
-    keyRow: $("key-row"), keyToggle: $("key-toggle"),
+    keyRow: $("key-row"), keyToggle: $("key-toggle"), suggestions: $("suggestions"),
   };
+  let catalog = { collections: [], models: null }; // the last /v1/collections answer
   let queryImage = null; // a File when searching by image
   let lastText = null; // the text of the last text→image search (what a reranked card's explain explains)
   const ex = {
@@ -54,30 +55,86 @@
     return body;
   }
 
+  // a spec as the page shows it: the project's own models without their family prefix
+  function short(spec) { return spec ? String(spec).replace(/^alignfuse:/, "") : "none"; }
+
+  function pipelineOf(c, m) {
+    return `${short(c.dual_encoder)} → ${m && m.reranker ? short(m.reranker) : "no reranker"}`;
+  }
+
+  // the models line: the chosen collection's pipeline, and where and how the models run
+  function showModels() {
+    const m = catalog.models;
+    if (!m) return;
+    const c = catalog.collections.find((x) => x.name === els.collection.value);
+    const parts = [c ? `pipeline ${c.dual_encoder} → ${m.reranker || "no reranker"}` : `dual encoder ${m.dual_encoder}` + (m.reranker ? ` · reranker ${m.reranker}` : " · no reranker")];
+    parts.push(m.device, `precision ${m.precision}`);
+    if (m.runtime) parts.push(`runtime ${m.runtime}`);
+    els.models.textContent = parts.join(" · ");
+    els.models.title = (m.dual_encoders && m.dual_encoders.length ? `dual encoders served: ${m.dual_encoders.join(", ")}` : "");
+  }
+
   async function loadCollections() {
     try {
       const data = await api("/v1/collections");
+      catalog = data;
       const previous = els.collection.value;
+      const m = data.models;
       els.collection.textContent = "";
       for (const c of data.collections) {
         const opt = document.createElement("option");
         opt.value = c.name;
-        opt.textContent = `${c.name} · ${c.images} images · ${c.texts} texts`;
+        opt.textContent = `${c.name} · ${pipelineOf(c, m)} · ${c.images} images`;
+        opt.title = c.compatible ? `dual encoder ${c.dual_encoder} → reranker ${m.reranker || "none"}; ${c.images} images, ${c.texts} texts` : (c.error || "not served");
         opt.disabled = !c.compatible;
+        opt.dataset.dual = c.dual_encoder;
         els.collection.appendChild(opt);
       }
-      if (previous) els.collection.value = previous;
-      const m = data.models;
-      els.models.textContent = `dual encoder ${m.dual_encoder}` + (m.reranker ? ` · reranker ${m.reranker}` : " · no reranker") + ` · ${m.device}`;
+      // default: the collection picked before, else the first of the default pipeline (the default dual
+      // encoder), else the first one served
+      const served = data.collections.filter((c) => c.compatible);
+      const pick = served.find((c) => c.name === previous) || served.find((c) => c.dual_encoder === m.dual_encoder) || served[0];
+      if (pick) els.collection.value = pick.name;
+      showModels();
       els.rerank.disabled = !m.reranker;
       if (!m.reranker) els.rerank.checked = false;
       if (!data.collections.length) setStatus("No collections yet: build one with `alignfuse build`.");
       else setStatus("");
+      loadSuggestions();
     } catch (e) {
       if (e.status === 503) { setStatus("Models are loading…"); setTimeout(loadCollections, 1000); return; }
       if (e.status === 401) { els.keyRow.hidden = false; els.apiKey.focus(); setStatus("This server needs an API key: enter it above.", true); return; }
       setStatus(e.message, true);
     }
+  }
+
+  // suggested queries of the chosen collection (measured by `alignfuse demo`: true of at least one image
+  // here, and the rerank helped); a click searches it
+  let suggestToken = 0;
+  async function loadSuggestions() {
+    const name = els.collection.value;
+    const token = ++suggestToken;
+    els.suggestions.querySelectorAll(".suggestion").forEach((b) => b.remove());
+    els.suggestions.hidden = true;
+    if (!name) return;
+    let data;
+    try { data = await api(`/v1/collections/${encodeURIComponent(name)}/suggestions`); } catch (e) { return; }
+    if (token !== suggestToken || !data.suggestions.length) return;
+    for (const q of data.suggestions.slice(0, 8)) {
+      const b = document.createElement("button");
+      b.type = "button"; b.className = "suggestion"; b.dataset.query = q.text;
+      const t = document.createElement("span"); t.textContent = q.text; b.appendChild(t);
+      const g = document.createElement("span"); g.className = "gain";
+      g.textContent = q.precision_rerank > q.precision_dual ? `+${Math.round((q.precision_rerank - q.precision_dual) * q.k)}` : "↑";
+      b.appendChild(g);
+      const first = (r) => (r === null || r === undefined ? "none" : `#${r}`);
+      b.title = `true of ${q.n_true} image${q.n_true === 1 ? "" : "s"} here; true images in the top ${q.k}: ` +
+        `${Math.round(q.precision_dual * q.k)} by the dual encoder → ${Math.round(q.precision_rerank * q.k)} reranked; ` +
+        `first true image ${first(q.first_true_dual)} → ${first(q.first_true_rerank)}`;
+      b.addEventListener("click", () => { clearImage(); els.query.value = q.text; search(); });
+      els.suggestions.appendChild(b);
+    }
+    els.suggestions.hidden = false;
   }
 
   function thumbUrl(collection, id) {
@@ -255,7 +312,9 @@
       c.querySelector("b").textContent = `${fmt(v, 1)} ms`;
       els.timings.appendChild(c);
     }
-    els.summary.textContent = `${data.query}→${data.target} · ${data.candidates} candidates · ${data.pairs_scored} pairs scored` +
+    const coll = catalog.collections.find((c) => c.name === data.collection);
+    const via = coll && catalog.models ? ` · ${data.reranked ? pipelineOf(coll, catalog.models) : short(coll.dual_encoder)}` : "";
+    els.summary.textContent = `${data.query}→${data.target}${via} · ${data.candidates} candidates · ${data.pairs_scored} pairs scored` +
       (data.reranked ? ` · fusion ${data.fusion}` : " · not reranked") + ` · version ${data.version}`;
     els.stats.hidden = false;
   }
@@ -316,7 +375,10 @@
   els.imageInput.addEventListener("change", () => useImage(els.imageInput.files[0]));
   els.clearImage.addEventListener("click", clearImage);
   els.query.addEventListener("input", () => { if (queryImage && els.query.value) clearImage(); });
-  els.collection.addEventListener("change", () => { if (els.query.value.trim() || queryImage) search(); });
+  els.collection.addEventListener("change", () => {
+    showModels(); loadSuggestions();
+    if (els.query.value.trim() || queryImage) search();
+  });
   ["dragenter", "dragover"].forEach((t) => els.drop.addEventListener(t, (e) => { e.preventDefault(); els.drop.classList.add("drag"); }));
   ["dragleave", "drop"].forEach((t) => els.drop.addEventListener(t, (e) => { e.preventDefault(); els.drop.classList.remove("drag"); }));
   els.drop.addEventListener("drop", (e) => { const f = e.dataTransfer.files[0]; if (f) useImage(f); });

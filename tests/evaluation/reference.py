@@ -84,3 +84,29 @@ def brute_group(
         i_hit.append(bool(true[top, i]))
         i_ch.append(np.mean([true[c, i] for c in caps]))
     return (float(np.mean(t_hit)), float(np.mean(t_ch)), float(np.mean(i_hit)), float(np.mean(i_ch)))
+
+
+def brute_truth_recall(
+    s_i2t: np.ndarray, true: np.ndarray, s_t2i: np.ndarray | None = None
+) -> dict[str, float]:
+    """Truth-aware R@K the obvious way: ``true[t, i]`` = caption t is true of image i. A text is a hit at K when
+    any of its top-K images (full stable ranking) makes it true; an image when any of its top-K captions is
+    true of it. Keys with the ``_true`` suffix."""
+    if s_t2i is None:
+        s_t2i = s_i2t.T
+
+    def hit(order: Sequence[int], ok: Sequence[bool], k: int) -> bool:
+        return any(ok[j] for j in order[:k])
+
+    vals: dict[str, float] = {}
+    for name, rows, ok in (("tr", s_i2t, true.T), ("ir", s_t2i, true)):
+        for k in (1, 5, 10):
+            hits = [hit(list(np.argsort(row, kind="stable")[::-1]), ok[r], k) for r, row in enumerate(rows)]
+            vals[f"{name}_r{k}_true"] = 100.0 * sum(hits) / len(hits)
+    vals["r_mean_true"] = sum(vals.values()) / 6
+    return vals
+
+
+def brute_precision(order: Sequence[str], true_keys: set[str], k: int) -> float:
+    """Truth-aware precision@k: the share of the first k keys that are true (k in the denominator)."""
+    return sum(1 for key in list(order)[:k] if key in true_keys) / k

@@ -153,3 +153,73 @@ def test_group_accuracy_perfect_scores() -> None:
     got = group_accuracy(s, img2txt, txt2img, [0, 0, 1, 1])
     assert got is not None
     assert (got.t2i, got.i2t, got.t2i_chance, got.i2t_chance) == (1.0, 1.0, 0.5, 0.5)
+
+
+# ------------------------------------------------------------------------------------ truth-aware recall
+
+
+def test_truth_recall_hand_built() -> None:
+    from alignfuse.evaluation import truth_recall_metrics
+
+    # 2 images x 4 texts; text 1 (caption of image 0) is also true of image 1, text 3 of image 0
+    img2txt, txt2img = gt_from_counts([2, 2])
+    true = np.zeros((4, 2), dtype=bool)
+    true[[0, 1], 0] = True
+    true[[2, 3], 1] = True
+    true[1, 1] = true[3, 0] = True
+    s = np.array([[0.1, 0.2, 0.9, 0.3], [0.8, 0.7, 0.1, 0.2]])  # image 0 ranks text 2 first (false of it)
+    proto = recall_metrics(s, img2txt, txt2img)
+    rec = truth_recall_metrics(s, lambda t, i: bool(true[t, i]))
+    # TR: image 0 -> [2, 3, 1, 0]: text 3 true (rank 1); image 1 -> [0, 1, 3, 2]: text 1 true (rank 1)
+    assert proto.tr_r1 == 0.0 and rec.tr_r1 == 0.0 and rec.tr_r5 == 100.0
+    # IR: text 0 -> image 1 first (false): miss at 1; text 1 -> image 1 first, true: hit though not its own
+    # image; text 2 -> image 0 first: miss; text 3 -> image 0 first, true: hit
+    assert proto.ir_r1 == 0.0
+    assert rec.ir_r1 == pytest.approx(50.0)
+    assert rec.ir_r5 == 100.0
+    assert rec.r_mean == pytest.approx((0 + 100 + 100 + 50 + 100 + 100) / 6)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_truth_recall_matches_brute_force_and_bounds_albef(seed: int) -> None:
+    from alignfuse.evaluation import TRUTH_RECALL_KEYS, truth_recall_metrics
+
+    from .reference import as_dict, brute_truth_recall
+
+    rng = np.random.default_rng(seed)
+    n_i = int(rng.integers(2, 30))
+    counts = rng.integers(0 if seed % 3 == 0 else 1, 4, size=n_i)
+    if counts.sum() == 0:
+        counts[0] = 1
+    img2txt, txt2img = gt_from_counts(counts)
+    n_t = len(txt2img)
+    # quantised scores: plenty of ties exercise the tie rule; non-candidates at -100 as the rerank makes them
+    s_i2t = rng.integers(0, 4, size=(n_i, n_t)).astype(np.float64)
+    s_i2t[rng.random(size=s_i2t.shape) < 0.3] = NON_CANDIDATE
+    s_t2i = rng.integers(0, 4, size=(n_t, n_i)).astype(np.float64) if seed % 2 else None
+    true = rng.random(size=(n_t, n_i)) < 0.15
+    true[np.arange(n_t), txt2img] = True  # annotated pairs are true
+    rec = truth_recall_metrics(s_i2t, lambda t, i: bool(true[t, i]), s_t2i)
+    want = brute_truth_recall(s_i2t, true, s_t2i)
+    got = dict(zip(TRUTH_RECALL_KEYS, as_dict(rec).values(), strict=True))
+    for key, v in want.items():
+        assert got[key] == pytest.approx(v, abs=1e-9), (key, got, want)
+    proto = as_dict(recall_metrics(s_i2t, img2txt, txt2img, s_t2i))
+    for key, v in proto.items():
+        assert got[f"{key}_true"] >= v - 1e-9, key
+    # truth = the annotation only: truth-aware recall equals ALBEF's (images without captions aside)
+    only = truth_recall_metrics(s_i2t, lambda t, i: txt2img[t] == i, s_t2i)
+    if counts.min() > 0:
+        assert_recall_equal(only, proto)
+
+
+def test_truth_ranks_depth_and_errors() -> None:
+    from alignfuse.evaluation import truth_ranks
+
+    s = np.array([[3.0, 2.0, 1.0, 0.0]])
+    assert truth_ranks(s, lambda r, c: c == 3, depth=4)[0] == 3.0
+    assert np.isinf(truth_ranks(s, lambda r, c: c == 3, depth=3)[0])
+    with pytest.raises(InvalidInputError):
+        truth_ranks(s, lambda r, c: True, depth=0)
+    with pytest.raises(InvalidInputError):
+        truth_ranks(np.array([[np.nan]]), lambda r, c: True)

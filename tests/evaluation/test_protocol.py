@@ -20,6 +20,7 @@ from alignfuse.evaluation import (
     GROUP_KEYS,
     MODE_KEYS,
     NON_CANDIDATE,
+    TRUTH_RECALL_KEYS,
     evaluate,
     group_accuracy,
     load_eval_data,
@@ -27,7 +28,7 @@ from alignfuse.evaluation import (
 )
 from alignfuse.models.base import ImageStates, MatchScores, ModelInfo, Preprocess, TextStates
 
-from .reference import assert_recall_equal, brute_recall
+from .reference import as_dict, assert_recall_equal, brute_recall, brute_truth_recall
 
 # ---------------------------------------------------------------------------------------------- the modes
 
@@ -175,6 +176,17 @@ def test_rerank_matches_independent_computation(scenes: Path, dual, k: int, fusi
         (want_g.t2i, want_g.i2t, want_g.t2i_chance)
     )
     assert 0 < rr.group.t2i_chance < 1
+    # truth-aware recall on the same matrices, against the brute force over the full truth table
+    true = np.array([[truth(t, i) for i in range(n_i)] for t in range(n_t)])
+    for res, mats in ((rr, (s_i2t, s_t2i)), (report.result("dual"), (sims, None))):
+        assert res.truth_recall is not None
+        got = dict(zip(TRUTH_RECALL_KEYS, as_dict(res.truth_recall).values(), strict=True))
+        want = brute_truth_recall(np.asarray(mats[0]), true, None if mats[1] is None else np.asarray(mats[1]))
+        assert got == pytest.approx(want, abs=1e-9)
+        for key, v in as_dict(res.recall).items():
+            assert got[f"{key}_true"] >= v  # annotated pairs are true: never below ALBEF's protocol
+        js = res.to_json()
+        assert {*MODE_KEYS, *TRUTH_RECALL_KEYS} <= set(js) and js["ir_r1"] == round(res.recall.ir_r1, 4)
 
 
 def test_rerank_with_k_at_least_n_equals_all_pairs(scenes: Path, dual) -> None:  # type: ignore[no-untyped-def]
@@ -304,7 +316,9 @@ def test_cli_json_keys(scenes: Path, tiny_collection, monkeypatch: pytest.Monkey
     obj = json.loads(out)
     assert set(obj) == {"dual", "rerank", "all_pairs", "meta"}
     for mode in ("dual", "rerank", "all_pairs"):
-        assert set(obj[mode]) == set(MODE_KEYS) | set(GROUP_KEYS), mode
+        assert set(obj[mode]) == set(MODE_KEYS) | set(GROUP_KEYS) | set(TRUTH_RECALL_KEYS), mode
+        for key in ("tr_r1", "ir_r1", "ir_r5", "r_mean"):
+            assert obj[mode][f"{key}_true"] >= obj[mode][key], (mode, key)
     assert obj["meta"]["k_test"] == 3 and obj["meta"]["n_images"] == 12 and obj["meta"]["n_texts"] == 60
     assert obj["meta"]["cross_encoder"].startswith("albef:tiny#")  # the manifest's reranker
     assert obj["meta"]["dual_encoder"].startswith("alignfuse:random-tiny#")
@@ -316,7 +330,7 @@ def test_cli_json_keys(scenes: Path, tiny_collection, monkeypatch: pytest.Monkey
     # the rich table names every mode
     code, out, err = _run_cli([*args, "--limit", "4"], monkeypatch, capsys)
     assert code == 0, err
-    assert "all_pairs" in out and "rerank" in out and "r_mean" in out
+    assert "all_pairs" in out and "rerank" in out and "r_mean" in out and "truth-aware recall" in out
     # all_pairs over the cap is refused with one line
     code, _out, err = _run_cli([*args, "--max-all-pairs", "10"], monkeypatch, capsys)
     assert code == 2 and "cap" in err
@@ -343,3 +357,6 @@ def test_group_accuracy_judges_by_truth_only_when_given_a_truth_function(scenes:
     # a truth function that only its own image satisfies gives the annotation rule's numbers
     same = evaluate(None, scenes, None, dual, None, ["dual"], 4, 64, truth=never).result("dual").group
     assert calls and same == plain
+    # without a truth function there is no truth-aware recall (and no *_true keys)
+    res = evaluate(None, scenes, None, dual, None, ["dual"], 4, 64).result("dual")
+    assert res.truth_recall is None and not set(TRUTH_RECALL_KEYS) & set(res.to_json())

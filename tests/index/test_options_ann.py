@@ -144,3 +144,88 @@ def test_executor_runs_on_cpu_without_gpu() -> None:
     if faiss.get_num_gpus() == 0:
         with pytest.raises(InvalidInputError, match="GPU"):
             get_executor(IndexOptions(use_gpu=True)).on_gpu  # noqa: B018
+
+
+# -- search parameters are part of the index recipe ------------------------------------------------------
+def test_search_recipe_table_and_bounds() -> None:
+    from alignfuse.index.options import search_recipe
+
+    assert search_recipe(1_000).hnsw_ef_search == 64
+    assert search_recipe(200_000).hnsw_ef_search == 64
+    assert search_recipe(1_000_000).hnsw_ef_search == 128
+    assert search_recipe(10_000_000).hnsw_ef_search == 256
+    # nprobe: 1/32 of the lists, clamped to [16, 256] and never above nlist
+    assert search_recipe(1_000_000, 4096).ivf_nprobe == 128
+    assert search_recipe(100_000, 1024).ivf_nprobe == 32
+    assert search_recipe(10_000, 256).ivf_nprobe == 16
+    assert search_recipe(100, 8).ivf_nprobe == 8
+    assert search_recipe(100_000_000, 65536).ivf_nprobe == 256
+    assert search_recipe(1_000_000, 4096).refine_k_factor >= 4
+    # monotone in the collection size: a bigger collection never searches with a smaller candidate list
+    efs = [search_recipe(n).hnsw_ef_search for n in (10, 10**5, 10**6, 10**7, 10**9)]
+    assert efs == sorted(efs)
+    with pytest.raises(InvalidInputError):
+        search_recipe(-1)
+
+
+def test_explicit_search_options_override_the_recipe() -> None:
+    from alignfuse.index.options import resolve_search, search_recipe
+
+    assert resolve_search(IndexOptions(), 1_000_000, 4096) == search_recipe(1_000_000, 4096)
+    r = resolve_search(IndexOptions(hnsw_ef_search=40, ivf_nprobe=3, refine_k_factor=2.5), 1_000_000, 4096)
+    assert (r.hnsw_ef_search, r.ivf_nprobe, r.refine_k_factor) == (40, 3, 2.5)
+    for bad in ({"hnsw_ef_search": 0}, {"ivf_nprobe": 0}, {"refine_k_factor": 0.5}):
+        with pytest.raises(InvalidInputError):
+            IndexOptions(**bad)  # type: ignore[arg-type]
+
+
+def test_search_params_follow_each_index_size() -> None:
+    """The parameters come from the searched index itself (its size / nlist), unless options set them."""
+    import faiss
+
+    x = clustered(12_000, 16, seed=5)
+    hnsw = build_index(x, "HNSW16", IndexOptions())
+    p = search_params(hnsw, 10, IndexOptions())
+    assert p.efSearch == 64  # 12k vectors: the small-collection recipe
+    assert search_params(hnsw, 100, IndexOptions()).efSearch == 100  # never below k
+    assert search_params(hnsw, 10, IndexOptions(hnsw_ef_search=300)).efSearch == 300
+    ivf = build_index(x, "IVF64,PQ8x4,RFlat", IndexOptions())
+    p = search_params(ivf, 10, IndexOptions())
+    base = faiss.downcast_index(faiss.downcast_index(ivf).base_index)
+    assert p.k_factor == 10.0 and search_params(base, 10, IndexOptions()).nprobe == 16
+    p = search_params(ivf, 10, IndexOptions(ivf_nprobe=64, refine_k_factor=3))
+    assert p.k_factor == 3.0 and search_params(base, 10, IndexOptions(ivf_nprobe=64)).nprobe == 64
+
+
+# -- merge policy ---------------------------------------------------------------------------------------
+def test_plan_merge_is_log_tiered() -> None:
+    from alignfuse.index.options import plan_merge, size_tier
+
+    assert [size_tier(s) for s in (0, 9, 10, 999, 1000, 100_000)] == [0, 0, 1, 2, 3, 5]
+    assert plan_merge([5_000] * 9) == []  # 9 of a tier: fine
+    assert plan_merge([5_000] * 10) == list(range(10))  # the 10th triggers one merge
+    assert plan_merge([100_000, 500, 600, 700], 3) == [1, 2, 3]  # the big segment is never rewritten
+    assert plan_merge([10] * 10 + [100] * 10) == list(range(10))  # the lowest full tier first
+    assert plan_merge([10] * 20, 0) == [] and plan_merge([10] * 20, 1) == []  # off
+    with pytest.raises(InvalidInputError):
+        IndexOptions(merge_factor=1)
+
+
+def test_plan_merge_bounds_segments_and_rewrites_over_many_adds() -> None:
+    """Simulated adds of 100 items: segments stay O(factor·log N) and each item is rewritten O(log N)
+    times (the amortised add cost stays O(M), never O(N) per add)."""
+    from alignfuse.index.options import plan_merge
+
+    sizes: list[int] = []
+    rewritten = 0
+    most = 0
+    for _ in range(2_000):  # 200k items
+        sizes.append(100)
+        while pick := plan_merge(sizes):
+            merged = sum(sizes[i] for i in pick)
+            rewritten += merged
+            sizes = [s for i, s in enumerate(sizes) if i not in set(pick)] + [merged]
+        most = max(most, len(sizes))
+    assert sum(sizes) == 200_000
+    assert most <= 9 * 4 + 1  # tiers 2..5
+    assert rewritten / sum(sizes) <= 4  # each item rewritten once per tier at most

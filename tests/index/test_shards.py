@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignfuse.index import Collection, ImageFolderSource
+from alignfuse.index import Collection, ImageFolderSource, IndexOptions
 from alignfuse.index.shards import (
     ImportOptions,
     ShardData,
@@ -103,7 +103,7 @@ def test_bad_shard_is_absent_and_rerun_completes(tmp_path: Path, tiny_encoder: D
         write_shard(src, _shard(f"{k:06d}", 10 * k, 10, dim))
     good = np.load(src / "img_emb" / "img_emb_000001.npy")
     np.save(src / "img_emb" / "img_emb_000001.npy", good[:, : dim - 1])  # a truncated shard
-    with pytest.raises(Exception, match="img_emb_000001.npy: embeddings have dimension"):
+    with pytest.raises(Exception, match="--model: .*img_emb_000001.npy holds"):
         import_shards(tmp_path / "c", src, encoder=tiny_encoder.info)
     with Collection.open(tmp_path / "c") as c:  # shard 0 committed, shard 1 absent: nothing half there
         assert c.version == 1 and c.count("image") == 10 and c.count("text") == 20
@@ -219,3 +219,136 @@ def test_cli_import_bad_input_names_the_argument(
         monkeypatch, capsys, "import", str(tmp_path / "c"), str(src), "--model", "alignfuse:random-tiny"
     )
     assert code == 2 and "--model" in err and "was made by" in err
+
+
+def test_merging_import_builds_the_real_index_once(tmp_path: Path, tiny_encoder: DualEncoder) -> None:
+    """Per-shard segments that the import merges at its end are Flat (cheap); only the merge builds the
+    collection's index, chosen for the total. A re-run that adds one shard re-indexes that one segment."""
+    dim = tiny_encoder.embed_dim
+    src = tmp_path / "shards"
+    for k in range(3):
+        write_shard(src, _shard(f"{k:06d}", 10 * k, 10, dim, captions=0))
+    coll = tmp_path / "c"
+    opts = ImportOptions(index=IndexOptions(index_key="HNSW16"))
+    r = import_shards(coll, src, encoder=tiny_encoder.info, options=opts)
+    assert r.added_images == 30
+    with Collection.open(coll) as c:
+        (seg,) = c.manifest.segments
+        assert [p.index_key for _, p in seg.parts] == ["HNSW16"]
+        interim = [json.loads((coll / "versions" / f"{v:06d}.json").read_text()) for v in (1, 2, 3)]
+        for m in interim:
+            assert {p["index_key"] for s in m["segments"] for p in s["parts"].values()} == {"Flat"}
+    write_shard(src, _shard("000003", 30, 10, dim, captions=0))
+    r = import_shards(coll, src, encoder=tiny_encoder.info, options=opts)
+    assert (r.added_images, r.skipped_existing) == (10, 30)
+    with Collection.open(coll) as c:
+        assert {p.index_key for s in c.manifest.segments for _, p in s.parts} == {"HNSW16"}
+        assert c.count("image") == 40
+        res = c.search(np.load(src / "img_emb" / "img_emb_000003.npy")[:1], 1, "image")
+        assert c.get(int(res.ids[0, 0])).uri == "mem://img30"
+
+
+def test_clip_retrieval_text_only_and_flattened_metadata_columns(
+    tmp_path: Path, tiny_encoder: DualEncoder
+) -> None:
+    """clip-retrieval's writer flattens the source's metadata JSON into columns (url, width, ...) and, run
+    with --enable_image False, writes captions and text_emb without any image column."""
+    dim = tiny_encoder.embed_dim
+    vecs = clustered(6, dim, seed=9)
+    src = tmp_path / "cr"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (src / sub).mkdir(parents=True)
+    np.save(src / "img_emb" / "img_emb_0.npy", vecs[:3].astype(np.float16))
+    pq.write_table(
+        pa.table(
+            {
+                "image_path": ["a.jpg", "b.jpg", "c.jpg"],
+                "url": ["http://x/a", None, "http://x/c"],
+                "width": [640, 480, 320],
+            }
+        ),
+        src / "metadata" / "metadata_0.parquet",
+    )
+    np.save(src / "text_emb" / "text_emb_1.npy", vecs[3:].astype(np.float16))
+    pq.write_table(pa.table({"caption": ["one", "two", "three"]}), src / "metadata" / "metadata_1.parquet")
+    coll = tmp_path / "c"
+    r = import_shards(coll, src, encoder=tiny_encoder.info)
+    assert (r.added_images, r.added_texts) == (3, 3)
+    with Collection.open(coll) as c:
+        img = c.get_many(c.vectors("image")[0])
+        assert [(i.uri, i.metadata.get("url"), i.metadata.get("width")) for i in img] == [
+            ("a.jpg", "http://x/a", 640),
+            ("b.jpg", None, 480),
+            ("c.jpg", "http://x/c", 320),
+        ]
+        ids, _ = c.vectors("text")
+        assert sorted(t.text or "" for t in c.get_many(ids)) == ["one", "three", "two"]
+        res = c.search(vecs[4:5], 1, "text")
+        assert c.get(int(res.ids[0, 0])).text == "two"
+        assert c.manifest.encoder.matches(tiny_encoder.info)  # the model that made them is recorded
+
+
+def test_cli_import_wrong_dimension_names_model(
+    tmp_path: Path,
+    tiny_encoder: DualEncoder,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    src = tmp_path / "shards"
+    write_shard(src, _shard("000000", 0, 4, tiny_encoder.embed_dim + 8, captions=0))
+    code, _, err = _run_cli(
+        monkeypatch, capsys, "import", str(tmp_path / "c"), str(src), "--model", "alignfuse:random-tiny"
+    )
+    assert code == 2 and "--model" in err and f"{tiny_encoder.embed_dim + 8}-d" in err
+
+
+def test_adds_never_leave_an_unbounded_number_of_segments(tmp_path: Path, tiny_encoder: DualEncoder) -> None:
+    """Twelve adds of ten items: the tenth commit merges the ten small segments (merge policy), so searches
+    fan out over 3 segments, not 12; with merge_factor=0 the 12 stay (compaction is then manual)."""
+    dim = tiny_encoder.embed_dim
+    src = tmp_path / "shards"
+    for k in range(12):
+        write_shard(src, _shard(f"{k:06d}", 10 * k, 10, dim, captions=0))
+    for factor, expected in ((10, [100, 10, 10]), (0, [10] * 12)):
+        coll = tmp_path / f"c{factor}"
+        opts = ImportOptions(index=IndexOptions(merge_factor=factor), merge_at_end=False)
+        r = import_shards(coll, src, encoder=tiny_encoder.info, options=opts)
+        assert r.added_images == 120
+        with Collection.open(coll) as c:
+            assert [s.count() for s in c.manifest.segments] == expected
+            assert c.count("image") == 120
+            first = np.load(src / "img_emb" / "img_emb_000000.npy")[:1]
+            assert c.get(int(c.search(first, 1, "image").ids[0, 0])).uri == "mem://img0"
+
+
+def test_commit_counts_are_incremental_and_exact(tmp_path: Path, tiny_encoder: DualEncoder) -> None:
+    """A commit updates the manifest's counts from what it changed (no scan of all items: an add stays
+    O(M)); they equal a full recount after adds, deletes (also of items staged in the same commit) and
+    compaction."""
+    from alignfuse.index.collection import CollectionWriter
+    from alignfuse.index.store import connect_ro, live_counts
+
+    dim = tiny_encoder.embed_dim
+    src = tmp_path / "shards"
+    for k in range(2):
+        write_shard(src, _shard(f"{k:06d}", 10 * k, 10, dim, captions=2))
+    coll = tmp_path / "c"
+    import_shards(coll, src, encoder=tiny_encoder.info)
+    with Collection.open(coll) as c:
+        c.delete([1, 2, 25])
+        with CollectionWriter(coll) as w:
+            extra = _shard("x", 100, 3, dim, captions=0)
+            ids = w.add(list(extra.images), extra.image_vectors)
+            w.delete([int(ids[0]), 3])
+            w.commit()
+        c.refresh()
+        c.compact()
+        for extra_deletes in range(2):
+            db = connect_ro(coll)
+            try:
+                assert c.manifest.counts == live_counts(db, c.version)
+            finally:
+                db.close()
+            assert dict(c.manifest.counts)["deleted"] == 5 + extra_deletes
+            c.delete([4 + extra_deletes])
+            c.refresh()

@@ -268,3 +268,92 @@ def test_not_ready_until_loaded_and_specs_from_manifests(world: World, root: Pat
     e2 = SearchEngine(make_settings(root, models={"dual_encoder": None, "reranker": None}))
     assert e2.model_specs() == ("alignfuse:random-tiny", "albef:tiny")  # "scenes" records its reranker
     e2.close()
+
+
+def _cosine_to_image(dual: object, text: str, image: Path) -> float:
+    """The cosine of ``text`` and ``image`` by ``dual`` itself (what the index's ITC score must equal)."""
+    from PIL import Image
+
+    t = dual.encode_texts([text])  # type: ignore[attr-defined]
+    px = dual.image_transform(Image.open(image).convert("RGB")).unsqueeze(0)  # type: ignore[attr-defined]
+    return float((t @ dual.encode_images(px).T)[0, 0])  # type: ignore[attr-defined]
+
+
+def test_collections_of_two_dual_encoders_each_search_with_their_own(world: World, root: Path) -> None:
+    """One engine, collections built by two dual encoders of different dimension: each query is encoded by
+    the encoder of the collection it searches (a wrong one could not even be searched: dims differ), the
+    one reranker serves both, uploads are encoded by the collection's encoder too."""
+    assert world.dual.embed_dim != world.other_dual.embed_dim
+    e = SearchEngine(
+        make_settings(root),
+        dual_encoder=world.dual,
+        cross_encoder=world.cross,
+        dual_encoders=[world.other_dual],
+    )
+    e.load()
+    try:
+        info = e.models_info()
+        assert info.dual_encoder == "alignfuse:random-tiny"
+        assert sorted(info.dual_encoders) == ["albef:tiny", "alignfuse:random-tiny"]
+        infos = {c.name: c for c in e.list_collections()}
+        assert infos["foreign"].compatible and infos["plain"].compatible
+        assert (infos["foreign"].dual_encoder, infos["foreign"].dim) == (
+            "albef:tiny",
+            world.other_dual.embed_dim,
+        )
+        assert (infos["plain"].dual_encoder, infos["plain"].dim) == (
+            "alignfuse:random-tiny",
+            world.dual.embed_dim,
+        )
+        q = "a small red circle left of a blue square"
+        for name, dual in (("foreign", world.other_dual), ("plain", world.dual)):
+            r = e.search_sync(SearchRequest(collection=name, text=q, k=3, candidates=8, include_itc=True))
+            assert r.reranked and r.pairs_scored == 8
+            top = r.itc_hits[0]  # type: ignore[index]
+            image = world.data / "images" / Path(top.uri).name
+            assert top.itc == pytest.approx(_cosine_to_image(dual, q, image), abs=1e-4)
+            # an image query too: the collection's encoder embeds the query image (itself: cosine 1)
+            img = world.image_bytes(4)
+            ii = e.search_sync(SearchRequest(collection=name, image=img, target="image", k=1))
+            assert ii.hits[0].uri.endswith("000004.png") and ii.hits[0].itc == pytest.approx(1.0, abs=1e-4)
+        # the same query gives different ITC scores on the two collections (two models, not one)
+        a = e.search_sync(SearchRequest(collection="foreign", text=q, k=24, rerank=False))
+        b = e.search_sync(SearchRequest(collection="plain", text=q, k=24, rerank=False))
+        by_uri = {Path(h.uri).name: h.itc for h in b.hits}
+        assert any(abs(h.itc - by_uri[Path(h.uri).name]) > 1e-3 for h in a.hits)
+        # texts added to "foreign" are encoded by its own encoder: found again with cosine 1
+        added = asyncio.run(e.add_texts("foreign", [TextUpload("a line only foreign holds")]))
+        tt = e.search_sync(
+            SearchRequest(collection="foreign", text="a line only foreign holds", target="text", k=1)
+        )
+        assert tt.hits[0].id == added.ids[0] and tt.hits[0].itc == pytest.approx(1.0, abs=1e-4)
+    finally:
+        e.close()
+
+
+def test_engine_loads_one_dual_encoder_per_collection_encoder(world: World, root: Path) -> None:
+    """Loaded from the settings (nothing injected): the configured dual encoder plus the one "foreign"
+    was built with; a collection whose encoder cannot be loaded is a 409 naming why, the rest are served."""
+    import json
+    import shutil
+
+    broken = root / "broken"
+    shutil.copytree(root / "plain", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["encoder"]["spec"] = "alignfuse:no-such-model"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    e = SearchEngine(make_settings(root, models={"warmup": False}))
+    e.load()
+    try:
+        assert sorted(e.duals) == ["albef:tiny", "alignfuse:random-tiny"]
+        assert e.models_info().dual_encoder == "alignfuse:random-tiny"
+        for name in ("foreign", "plain"):
+            r = e.search_sync(SearchRequest(collection=name, text="a blue square", k=2, candidates=4))
+            assert len(r.hits) == 2 and r.reranked
+        with pytest.raises(EncoderMismatchError, match="alignfuse:no-such-model.*loading it failed"):
+            e.search_sync(SearchRequest(collection="broken", text="a blue square"))
+        infos = {c.name: c for c in e.list_collections()}
+        assert infos["broken"].compatible is False and "loading it failed" in (infos["broken"].error or "")
+        assert infos["foreign"].compatible is True
+    finally:
+        e.close()

@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from alignfuse.service.api import create_app
+from alignfuse.service.engine import SearchEngine
 
 from .conftest import World, make_engine, make_settings
 
@@ -39,10 +40,17 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _serve(world: World, root: Path, **overrides: Any) -> Iterator[str]:
-    """uvicorn in a thread of this process (the session's models), on a free loopback port."""
+def _serve(world: World, root: Path, *, both_encoders: bool = False, **overrides: Any) -> Iterator[str]:
+    """uvicorn in a thread of this process (the session's models), on a free loopback port.
+    ``both_encoders``: the engine also holds the dual encoder that built "foreign" (two pipelines)."""
     settings = make_settings(root, **overrides)
-    app = create_app(settings, engine=make_engine(world, settings))
+    if both_encoders:
+        engine = SearchEngine(
+            settings, dual_encoder=world.dual, cross_encoder=world.cross, dual_encoders=[world.other_dual]
+        )
+    else:
+        engine = make_engine(world, settings)
+    app = create_app(settings, engine=engine)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     t = threading.Thread(target=srv.run, daemon=True)
@@ -238,3 +246,106 @@ def test_web_page_fits_a_phone(server: str, tmp_path: Path) -> None:
             page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
         finally:
             browser.close()
+
+
+def _write_suggestions(world: World, root: Path, name: str, queries: list[str]) -> list[str]:
+    """A ``suggestions.json`` as ``alignfuse demo`` writes it, for queries true of some image of the test
+    scenes (checked against their drawn objects; those true of none are left out, as the demo does)."""
+    import json
+
+    from alignfuse.data.scenes import caption_matches
+
+    scenes = json.loads((world.data / "scenes.json").read_text())
+    rows: list[dict[str, Any]] = []
+    for q in queries:
+        n_true = sum(caption_matches(q, e["objects"]) for e in scenes)
+        if n_true:
+            rows.append(
+                {
+                    "text": q,
+                    "kind": "colour_shape",
+                    "n_true": n_true,
+                    "k": 5,
+                    "precision_dual": 0.2,
+                    "precision_rerank": 0.6,
+                    "first_true_dual": 3,
+                    "first_true_rerank": 1,
+                }
+            )
+    body = {
+        "pipeline": {"dual_encoder": "alignfuse:random-tiny", "reranker": "albef:tiny"},
+        "suggestions": rows,
+    }
+    (root / name / "suggestions.json").write_text(json.dumps(body))
+    return [r["text"] for r in rows]
+
+
+def _colour_shape_queries(world: World) -> list[str]:
+    """Every "a {colour} {shape}" the test scenes draw (each is true of at least one of them)."""
+    import json
+
+    scenes = json.loads((world.data / "scenes.json").read_text())
+    pairs = sorted({(o["colour"], o["shape"]) for e in scenes for o in e["objects"]})
+    return [f"a {c} {s}" for c, s in pairs]
+
+
+def test_web_page_pipelines_and_suggestions(world: World, root: Path) -> None:
+    """Two pipelines (collections built by two dual encoders, one reranker) chosen on the page; the
+    suggested queries of the chosen collection are offered, and a click searches one."""
+    from playwright.sync_api import sync_playwright
+
+    suggested = _write_suggestions(world, root, "plain", _colour_shape_queries(world)[:3] + ["a gold moon"])
+    assert len(suggested) == 3  # "a gold moon" is true of no image: never offered
+    errors: list[str] = []
+    with _serve(world, root, both_encoders=True) as url, sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("#collection option[value=foreign]", state="attached")
+            # every collection is served now, each named with its pipeline; the default is the default
+            # dual encoder's ("plain"), not the first in the list ("foreign")
+            assert not page.locator("#collection option[value=foreign]").is_disabled()
+            options = dict(
+                zip(
+                    page.eval_on_selector_all("#collection option", "os => os.map(o => o.value)"),
+                    page.locator("#collection option").all_inner_texts(),
+                    strict=True,
+                )
+            )
+            assert "albef:tiny → albef:tiny" in options["foreign"]
+            assert "random-tiny → albef:tiny" in options["plain"]
+            assert page.eval_on_selector("#collection", "s => s.value") == "plain"
+            models = page.inner_text("#models")
+            assert "pipeline alignfuse:random-tiny → albef:tiny" in models and "precision fp32" in models
+            # the suggestions of "plain", in the file's order; a click searches the query
+            page.wait_for_selector("#suggestions .suggestion")
+            chips = page.eval_on_selector_all(
+                "#suggestions .suggestion", "bs => bs.map(b => b.dataset.query)"
+            )
+            assert chips == suggested
+            # each chip shows how many more true images the rerank put in the top k (+2 of 5 here)
+            assert page.locator("#suggestions .suggestion .gain").all_inner_texts() == ["+2"] * 3
+            assert "true of" in (page.get_attribute("#suggestions .suggestion >> nth=0", "title") or "")
+            page.click("#suggestions .suggestion >> nth=1")
+            page.wait_for_function("document.querySelectorAll('#itm-results .hit').length > 0")
+            assert page.input_value("#query") == suggested[1]
+            assert "random-tiny → albef:tiny" in page.inner_text("#summary")
+            plain_itc = page.locator("#itc-results .score.itc").all_inner_texts()
+            # the other pipeline: "foreign" has no suggestions; the same query runs on its own encoder
+            page.select_option("#collection", "foreign")
+            page.wait_for_function(
+                "document.querySelector('#summary').textContent.includes('albef:tiny → albef:tiny')"
+            )
+            assert page.is_hidden("#suggestions")
+            assert "pipeline albef:tiny → albef:tiny" in page.inner_text("#models")
+            page.wait_for_function("document.querySelectorAll('#itm-results .hit').length > 0")
+            assert page.locator("#itc-results .score.itc").all_inner_texts() != plain_itc
+            assert page.inner_text("#status") == ""
+            # back to "plain": its suggestions come back
+            page.select_option("#collection", "plain")
+            page.wait_for_selector("#suggestions .suggestion")
+        finally:
+            browser.close()
+    assert errors == []

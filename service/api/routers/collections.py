@@ -26,6 +26,7 @@ from ..schemas import (
     ItemsOut,
     Modality,
     ModelsOut,
+    SuggestionsOut,
     TextsBody,
 )
 from .search import read_upload
@@ -48,6 +49,16 @@ def list_collections(engine: EngineDep) -> CollectionsOut:
 @router.get("/{name}", response_model=CollectionOut, dependencies=[ReadAuth], summary="One collection")
 def get_collection(name: str, engine: EngineDep) -> CollectionOut:
     return CollectionOut.model_validate(engine.collection_info(name))
+
+
+@router.get(
+    "/{name}/suggestions",
+    response_model=SuggestionsOut,
+    dependencies=[ReadAuth],
+    summary="Queries suggested for a collection, with their measured truth and rerank effect",
+)
+def suggestions(name: str, engine: EngineDep) -> SuggestionsOut:
+    return SuggestionsOut.model_validate(engine.suggestions(name))
 
 
 @router.get("/{name}/items", response_model=ItemsOut, dependencies=[ReadAuth], summary="List items")

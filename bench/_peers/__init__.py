@@ -1,0 +1,1 @@
+"""Helpers of bench/peers.py (alignfuse against clip-retrieval and infinity)."""

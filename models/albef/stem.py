@@ -1,0 +1,64 @@
+"""A convolutional stem for ALBEF's ViT (``AlbefConfig.patch_stem = "conv"``): our own small scenes models only.
+
+ALBEF's ViT embeds each patch with one linear map (a conv with kernel = stride = patch size). Trained from scratch on
+a few thousand images, that ViT reads colour (one pixel tells it) but hardly shape (an edge's orientation inside a
+patch must be learned from scratch by 4 attention layers): ``docs/training/diagnose_shapes.py`` measured it. A
+stack of 3×3 convolutions whose strides multiply to the patch size (Xiao et al., "Early convolutions help
+transformers see better", 2021) gives the same token grid with local edge detectors built in. Official ALBEF
+checkpoints keep the linear embedding (the default), so their ``patch_embed.proj`` keys load unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.layers import PatchEmbed
+from torch import nn
+
+from alignfuse.errors import InvalidInputError
+
+
+def stem_strides(patch_size: int) -> list[int]:
+    """Factor ``patch_size`` into conv strides of 2 (then one of the rest): 12 → [2, 2, 3], 16 → [2, 2, 2, 2]."""
+    if patch_size < 2:
+        raise InvalidInputError(f"a conv stem needs patch_size >= 2 (got {patch_size})")
+    strides: list[int] = []
+    rest = patch_size
+    while rest % 2 == 0 and rest > 1:
+        strides.append(2)
+        rest //= 2
+    if rest > 1:
+        strides.append(rest)
+    return strides
+
+
+class ConvStem(nn.Module):
+    """3×3 convolutions (GELU between; the last one k = s when its stride is odd), channels from ``width // 4``
+    doubling up to ``width``, then a 1×1 to ``width``."""
+
+    def __init__(self, patch_size: int, width: int, in_chans: int = 3) -> None:
+        super().__init__()
+        strides = stem_strides(patch_size)
+        layers: list[nn.Module] = []
+        chans = in_chans
+        out = min(width, max(16, width // 4))
+        for s in strides:
+            k, p = (3, 1) if s == 2 else (s, 0)
+            layers += [nn.Conv2d(chans, out, k, s, p), nn.GELU()]
+            chans, out = out, min(out * 2, width)
+        layers.append(nn.Conv2d(chans, width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` (same token grid, flatten, checks) with ``proj`` replaced by a :class:`ConvStem`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        width = self.proj.out_channels
+        in_chans = self.proj.in_channels
+        self.proj = ConvStem(self.patch_size[0], width, in_chans)  # type: ignore[assignment]
