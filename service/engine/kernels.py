@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignfuse.errors import AlignfuseError
 from alignfuse.models.base import CrossEncoder, DualEncoder, ImageStates
 
 BULK_CHUNK = 64
@@ -63,15 +64,26 @@ class DualKernels:
     def __init__(self, model: DualEncoder) -> None:
         self.model = model
 
-    def texts(self, payloads: list[Any]) -> list[np.ndarray]:
+    def texts(self, payloads: list[Any]) -> list[np.ndarray | AlignfuseError]:
         texts: list[str] = [t for p in payloads for t in p]
-        vecs = np.concatenate(
-            [
-                self.model.encode_texts(texts[i : i + BULK_CHUNK * 4])
-                for i in range(0, len(texts), BULK_CHUNK * 4)
-            ]
-        )
-        return _split_rows(vecs, [len(p) for p in payloads])
+        try:
+            vecs = np.concatenate(
+                [
+                    self.model.encode_texts(texts[i : i + BULK_CHUNK * 4])
+                    for i in range(0, len(texts), BULK_CHUNK * 4)
+                ]
+            )
+        except AlignfuseError:
+            # one request's bad text (e.g. a caption ALBEF's cleaning empties) must fail that request alone, not
+            # the others batched with it: encode each request on its own and hand back its error
+            return [self._one(p) for p in payloads]
+        return list(_split_rows(vecs, [len(p) for p in payloads]))
+
+    def _one(self, texts: list[str]) -> np.ndarray | AlignfuseError:
+        try:
+            return self.model.encode_texts(texts)
+        except AlignfuseError as exc:
+            return exc
 
     def images(self, payloads: list[Any]) -> list[np.ndarray]:
         pixels = torch.cat(payloads)
