@@ -178,22 +178,18 @@ def _pct(ranks: np.ndarray, k: int) -> float:
     return 100.0 * float(np.mean(ranks < k)) if len(ranks) else 0.0
 
 
-def recall_metrics(
-    scores_i2t: np.ndarray,
-    img2txt: Sequence[Sequence[int]],
-    txt2img: Sequence[int] | np.ndarray,
-    scores_t2i: np.ndarray | None = None,
-) -> Recall:
-    """ALBEF's TR/IR R@1/5/10 and r_mean (percent) from ``scores_i2t[N_i, N_t]`` (and ``scores_t2i[N_t, N_i]``,
-    default ``scores_i2t.T``). See the module docstring for the tie rule."""
+def _score_pair(scores_i2t: np.ndarray, scores_t2i: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The checked image→text matrix [n_i, n_t] and text→image matrix [n_t, n_i] (its transpose when None)."""
     s_i2t = _check_scores(scores_i2t, "scores_i2t")
     s_t2i = s_i2t.T if scores_t2i is None else _check_scores(scores_t2i, "scores_t2i")
     n_i, n_t = s_i2t.shape
     if s_t2i.shape != (n_t, n_i):
         raise InvalidInputError(f"scores_t2i has shape {s_t2i.shape}, expected {(n_t, n_i)}")
-    i2t, t2i = _normalise_gt(n_i, n_t, img2txt, txt2img)
-    tr = ranks_i2t(s_i2t, i2t)
-    ir = ranks_t2i(s_t2i, t2i)
+    return s_i2t, s_t2i
+
+
+def _recall(tr: np.ndarray, ir: np.ndarray) -> Recall:
+    """R@1/5/10 both ways and their mean from the 0-based ranks of the first hit (inf: no hit)."""
     vals = [_pct(tr, 1), _pct(tr, 5), _pct(tr, 10), _pct(ir, 1), _pct(ir, 5), _pct(ir, 10)]
     return Recall(
         tr_r1=vals[0],
@@ -204,6 +200,22 @@ def recall_metrics(
         ir_r10=vals[5],
         r_mean=float(np.mean(vals)),
     )
+
+
+def recall_metrics(
+    scores_i2t: np.ndarray,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int] | np.ndarray,
+    scores_t2i: np.ndarray | None = None,
+) -> Recall:
+    """ALBEF's TR/IR R@1/5/10 and r_mean (percent) from ``scores_i2t[N_i, N_t]`` (and ``scores_t2i[N_t, N_i]``,
+    default ``scores_i2t.T``). See the module docstring for the tie rule."""
+    s_i2t, s_t2i = _score_pair(scores_i2t, scores_t2i)
+    n_i, n_t = s_i2t.shape
+    i2t, t2i = _normalise_gt(n_i, n_t, img2txt, txt2img)
+    tr = ranks_i2t(s_i2t, i2t)
+    ir = ranks_t2i(s_t2i, t2i)
+    return _recall(tr, ir)
 
 
 @dataclass(frozen=True)
@@ -308,20 +320,8 @@ def truth_recall_metrics(
 ) -> Recall:
     """Truth-aware TR/IR R@1/5/10 and their mean (percent; see the module docstring). ``truth(t, i)``: text
     ``t`` is true of image ``i``; it must hold for the annotated pairs for the result to bound ALBEF's from above."""
-    s_i2t = _check_scores(scores_i2t, "scores_i2t")
-    s_t2i = s_i2t.T if scores_t2i is None else _check_scores(scores_t2i, "scores_t2i")
+    s_i2t, s_t2i = _score_pair(scores_i2t, scores_t2i)
     n_i, n_t = s_i2t.shape
-    if s_t2i.shape != (n_t, n_i):
-        raise InvalidInputError(f"scores_t2i has shape {s_t2i.shape}, expected {(n_t, n_i)}")
     tr = truth_ranks(s_i2t, lambda i, t: truth(t, i)) if n_t else np.full(n_i, np.inf)
     ir = truth_ranks(s_t2i, truth) if n_i else np.full(n_t, np.inf)
-    vals = [_pct(tr, 1), _pct(tr, 5), _pct(tr, 10), _pct(ir, 1), _pct(ir, 5), _pct(ir, 10)]
-    return Recall(
-        tr_r1=vals[0],
-        tr_r5=vals[1],
-        tr_r10=vals[2],
-        ir_r1=vals[3],
-        ir_r5=vals[4],
-        ir_r10=vals[5],
-        r_mean=float(np.mean(vals)),
-    )
+    return _recall(tr, ir)

@@ -1,5 +1,8 @@
 """A collection on disk: manifest + items.sqlite + immutable segments + optional feature cache.
 
+(Over ~450 lines on purpose: the reader of the on-disk format and the commit protocol it relies on are written
+down in one place, next to the layout they read; the writer lives in writer.py, the stores in store/segments.)
+
 Layout (see docs/architecture.md)::
 
     <collection>/

@@ -2,6 +2,9 @@
 hard negatives sampled from the ITC similarities (plus optional caption-perturbation negatives); MLM on the
 fused text (15%, 80/10/10, ALBEF's second forward pass on the masked caption).
 
+(Just over 450 lines on purpose: the three objectives share the momentum model, the queues and one forward pass,
+and read best side by side with ALBEF's own ``model_retrieval.py``.)
+
 :class:`AlbefForTraining` is :class:`~alignfuse.models.albef.model.AlbefModel` plus ALBEF's momentum copies and queues,
 with ALBEF's parameter names, so ``state_dict()`` *is* an official checkpoint layout:
 

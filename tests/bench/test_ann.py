@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+
+from tests.bench._toy import run_toy
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "ann.py"
@@ -63,25 +62,7 @@ def test_exact_top_k_blockwise_matches_brute_force() -> None:
 
 @pytest.mark.slow  # ~15 s of CPU, minutes of wall time on the shared 2-core machine
 def test_ann_toy_end_to_end(tmp_path: Path) -> None:
-    out, png = tmp_path / "ann.json", tmp_path / "ann.png"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--toy",
-        "--out",
-        str(out),
-        "--plot",
-        str(png),
-        "--workdir",
-        str(tmp_path),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert png.is_file() and png.stat().st_size > 0
-    for key in ("date", "git_commit", "machine", "loadavg_before", "loadavg_after"):
-        assert key in r
+    r = run_toy("ann", tmp_path, timeout=600)
     assert r["machine"]["faiss"] and r["machine"]["cpu_count"]
     assert "/" not in json.dumps(r["args"])  # relative paths only (no workdir leaks into the JSON)
     (run,) = r["runs"]

@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "incremental.py"
+from tests.bench._toy import run_toy
 
 
 @pytest.mark.slow  # ~15 s of CPU, but minutes of wall time on the shared 2-core machine
 def test_incremental_toy_end_to_end(tmp_path: Path) -> None:
-    out, png = tmp_path / "incremental.json", tmp_path / "incremental.png"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--toy",
-        "--out",
-        str(out),
-        "--plot",
-        str(png),
-        "--workdir",
-        str(tmp_path),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert png.is_file() and png.stat().st_size > 0
-    for key in ("date", "git_commit", "machine", "loadavg_before", "loadavg_after"):
-        assert key in r
+    r = run_toy("incremental", tmp_path, timeout=900)
     sizes, adds = r["args"]["sizes"], r["args"]["adds"]
     for part in ("vectors", "encoder"):
         rows = r[part]["rows"]
