@@ -68,6 +68,7 @@ bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/rerank_storage.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/cost_n.py
 	$(BIN)/python bench/cpu.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/int8_split.py
 	$(BIN)/python bench/ann.py
 	$(BIN)/python bench/incremental.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/perception.py

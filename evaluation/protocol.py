@@ -124,6 +124,9 @@ class EvalMeta:
     groups: int  # groups with 2+ images (0: none)
     limit: int | None = None
     pair_evals_protocol: dict[str, int] = field(default_factory=dict)
+    #: what ran each model: "<runtime> <precision>", e.g. "torch fp32", "onnx int8"
+    dual_runtime: str = "torch fp32"
+    cross_runtime: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -390,8 +393,18 @@ def _run_modes(
         groups=groups,
         limit=limit,
         pair_evals_protocol=protocol,
+        dual_runtime=_runtime_of(dual_encoder),
+        cross_runtime=None if cross_encoder is None else _runtime_of(cross_encoder),
     )
     return EvalReport(meta, tuple(results))
+
+
+def _runtime_of(model: object) -> str:
+    """``"<runtime> <precision>"`` of a model built by the registry (torch fp32 for others)."""
+    precision = getattr(model, "precision", None) or getattr(
+        getattr(model, "bundle", None), "precision", None
+    )
+    return f"{getattr(model, 'runtime', 'torch')} {precision or 'fp32'}"
 
 
 def _warm_up(data: EvalData, dual: DualEncoder, cross: CrossEncoder | None) -> None:

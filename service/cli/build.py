@@ -17,10 +17,12 @@ from alignfuse.errors import InvalidInputError
 
 from ._common import (
     EXIT_ITEMS_FAILED,
+    PRECISION_HELP,
     DeviceOpt,
     check_collection,
     check_device,
     check_positive,
+    check_runtime,
     console,
 )
 
@@ -92,6 +94,7 @@ def _run_build(
     precision: str,
     workers: int,
     commit_every: int,
+    runtime: str = "torch",
     rerank_cache: bool,
     reranker: str | None,
     memory_budget_gb: float,
@@ -115,6 +118,9 @@ def _run_build(
         raise InvalidInputError("--reranker is only used with --rerank-cache")
     _check_engine(engine, ray_address, ray_actors)
     dev = check_device(device)
+    runtime = check_runtime(runtime)
+    if engine == "ray" and runtime != "torch":
+        raise InvalidInputError("--runtime: the ray engine's encoder actors run torch; use --runtime torch")
     if webdataset is not None:
         source = _webdataset_source(webdataset, engine, images or captions or karpathy or image_root)
     else:
@@ -134,7 +140,7 @@ def _run_build(
         rerank_cache=rerank_cache,
         progress=progress,
     )
-    encoder = create_dual_encoder(model, dev, precision)
+    encoder = create_dual_encoder(model, dev, precision, runtime=runtime)
     if engine == "ray":  # the encoder pass on a Ray cluster (index/ray_build.py); Ray is imported there
         from alignfuse.index.ray_build import RayOptions, ray_build_collection
 
@@ -149,7 +155,7 @@ def _run_build(
             precision=precision,
             must_exist=must_exist,
         )
-    cross = create_cross_encoder(reranker, dev, precision) if reranker else None
+    cross = create_cross_encoder(reranker, dev, precision, runtime=runtime) if reranker else None
     return build_collection(
         collection, source, encoder, options=options, cross_encoder=cross, must_exist=must_exist
     )
@@ -207,7 +213,15 @@ AllowFailuresOpt = Annotated[
     ),
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
+BuildRuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--runtime",
+        help="torch (default), onnx (ONNX Runtime, CPU; graphs exported once and cached next to the weights) "
+        "or auto. The collection's vectors then come from that runtime (fp32 ONNX matches torch to ~1e-6).",
+    ),
+]
 WorkersOpt = Annotated[
     int, typer.Option("--workers", help="DataLoader worker processes (0 = decode in-process).")
 ]
@@ -244,6 +258,7 @@ def build_command(
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "cpu",
     precision: PrecisionOpt = "fp32",
+    runtime: BuildRuntimeOpt = "torch",
     workers: WorkersOpt = 2,
     commit_every: CommitEveryOpt = 10_000,
     rerank_cache: bool = typer.Option(
@@ -278,6 +293,7 @@ def build_command(
         batch_size=batch_size,
         device=device,
         precision=precision,
+        runtime=runtime,
         workers=workers,
         commit_every=commit_every,
         rerank_cache=rerank_cache,
@@ -302,6 +318,7 @@ def add_command(
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "cpu",
     precision: PrecisionOpt = "fp32",
+    runtime: BuildRuntimeOpt = "torch",
     workers: WorkersOpt = 2,
     commit_every: CommitEveryOpt = 10_000,
     progress: ProgressOpt = True,
@@ -335,6 +352,7 @@ def add_command(
         batch_size=batch_size,
         device=device,
         precision=precision,
+        runtime=runtime,
         workers=workers,
         commit_every=commit_every,
         rerank_cache=has_cache,

@@ -17,7 +17,7 @@ from alignfuse.evaluation import DEFAULT_MAX_ALL_PAIRS, MODES, EvalReport, evalu
 from alignfuse.models.base import FUSIONS, PRECISIONS, default_fusion_for
 from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
-from ._common import check_device
+from ._common import PRECISION_HELP, check_device, check_runtime
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,13 @@ def eval_command(
         "dual encoder's logit scale); default: the reranker's own, as the service uses it (ALBEF checkpoints: itm).",
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    runtime: str = typer.Option(
+        "torch",
+        "--runtime",
+        help="torch, onnx (ONNX Runtime, CPU) or auto: what runs the dual encoder and the reranker, e.g. "
+        "--runtime onnx --precision int8 to check int8's recall against fp32's.",
+    ),
     batch_size: int = typer.Option(
         64, "--batch-size", help="Images/texts per encoder forward, pairs per ITM forward."
     ),
@@ -166,6 +172,7 @@ def eval_command(
         _parse_modes(modes, True)  # report a bad --modes before loading anything
 
     dev = check_device(device)
+    runtime = check_runtime(runtime)
 
     from alignfuse.index.collection import Collection, is_collection
 
@@ -179,7 +186,7 @@ def eval_command(
             raise InvalidInputError(
                 "--reranker: modes rerank/all_pairs need a cross-encoder and the collection records none"
             )
-        dual = create_dual_encoder(manifest.encoder.spec, device=dev, precision=precision)
+        dual = create_dual_encoder(manifest.encoder.spec, device=dev, precision=precision, runtime=runtime)
         if not manifest.encoder.matches(dual.info):
             log.warning(
                 "%s now has weights %s, the collection was built with %s: re-encoding the split",
@@ -189,9 +196,14 @@ def eval_command(
             )
         cross = None
         if reranker_spec is not None and any(m != "dual" for m in mode_list):
-            cross = create_cross_encoder(reranker_spec, device=dev, precision=precision)
+            cross = create_cross_encoder(reranker_spec, device=dev, precision=precision, runtime=runtime)
+        # the stored vectors and image tokens came from torch at the build's precision: another runtime or
+        # int8 is evaluated on its own outputs (the split re-encoded), so its recall is its own
+        own_outputs = runtime != "torch" or precision == "int8"
+        if own_outputs:
+            log.info("--runtime %s --precision %s: re-encoding the split", runtime, precision)
         report = evaluate(
-            coll,
+            None if own_outputs else coll,
             karpathy,
             image_root,
             dual,

@@ -245,6 +245,7 @@ def _run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
         (["--limit", "0"], "--limit"),
         (["--device", "tpu"], "--device"),
         (["--precision", "int3"], "--precision"),
+        (["--runtime", "tensorrt"], "--runtime"),
     ],
 )
 def test_cli_bad_arguments(
@@ -334,6 +335,33 @@ def test_cli_json_keys(scenes: Path, tiny_collection, monkeypatch: pytest.Monkey
     # all_pairs over the cap is refused with one line
     code, _out, err = _run_cli([*args, "--max-all-pairs", "10"], monkeypatch, capsys)
     assert code == 2 and "cap" in err
+
+
+def test_cli_runtime_onnx_reencodes_and_matches_torch(  # type: ignore[no-untyped-def]
+    scenes: Path, tiny_collection, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``eval --runtime onnx``: the split is encoded by ONNX Runtime (not read from the torch-built
+    collection), the JSON says which runtime ran each model, and fp32 ONNX gives torch's recall."""
+    pytest.importorskip("onnxruntime")
+    path, _cross = tiny_collection
+    args = ["eval", str(path), "--karpathy", str(scenes), "--k-test", "3", "--json", "--device", "cpu"]
+    code, out, err = _run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    torch_run = json.loads(out)
+    code, out, err = _run_cli([*args, "--runtime", "onnx"], monkeypatch, capsys)
+    assert code == 0, err
+    onnx_run = json.loads(out)
+    assert (
+        torch_run["meta"]["dual_runtime"] == "torch fp32" and torch_run["meta"]["embeddings"] == "collection"
+    )
+    assert (
+        onnx_run["meta"]["dual_runtime"] == "onnx fp32" and onnx_run["meta"]["cross_runtime"] == "onnx fp32"
+    )
+    assert onnx_run["meta"]["embeddings"] == "encoded" and onnx_run["meta"]["encoded_now"] == 72
+    for mode in ("dual", "rerank"):
+        for key in ("tr_r1", "tr_r5", "ir_r1", "ir_r5"):
+            # stored vectors/tokens are fp16-rounded copies of torch's: at most one item may move on a near-tie
+            assert abs(torch_run[mode][key] - onnx_run[mode][key]) <= 100 / 60 + 1e-9, (mode, key)
 
 
 def test_group_accuracy_judges_by_truth_only_when_given_a_truth_function(scenes: Path, dual) -> None:  # type: ignore[no-untyped-def]

@@ -101,6 +101,8 @@ def test_build_info_search_delete_compact_add(
         (("build", "{c}", "--images", "{i}", *BUILD, "--rerank-cache"), 2, "--reranker"),
         (("build", "{c}", "--images", "{i}", "--model", "nofamily"), 2, "nofamily"),
         (("build", "{c}", "--images", "{i}", *BUILD, "--device", "tpu"), 2, "--device"),
+        (("build", "{c}", "--images", "{i}", *BUILD, "--runtime", "tensorrt"), 2, "--runtime"),
+        (("build", "{c}", "--images", "{i}", *BUILD, "--engine", "ray", "--runtime", "onnx"), 2, "--runtime"),
         (("build", "{c}", "--captions", "{t}/caps.jsonl", *BUILD), 3, "--captions"),
         (("add", "{t}/none", "--images", "{i}"), 3, "COLLECTION"),
         (("info", "{t}/none"), 3, "COLLECTION"),
@@ -191,3 +193,25 @@ def test_build_from_captions_and_search_both_directions(
         monkeypatch, capsys, "search", str(coll), "--text", "x", "--modality", "text", "-k", "1"
     )
     assert code == 0 and "top 1 text items" in out and "deprecated" in out + err
+
+
+def test_build_with_the_onnx_runtime_matches_torch(
+    tmp_path: Path, images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``build --runtime onnx``: the vectors come from ONNX Runtime and equal torch's (fp32, to ~1e-5)."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    vectors = {}
+    for runtime in ("torch", "onnx"):
+        coll = tmp_path / runtime
+        args = ("build", str(coll), "--images", str(images), *BUILD, "--runtime", runtime, "--allow-failures")
+        code, out, err = run(monkeypatch, capsys, *args)
+        assert code == 0 and "added 10" in out, err
+        with Collection.open(coll) as c:
+            ids, vecs = c.vectors("image")
+            uris = [str(it.uri) for it in c.get_many(ids)]
+        vectors[runtime] = dict(zip(uris, np.asarray(vecs, dtype=np.float32), strict=True))
+    assert vectors["torch"].keys() == vectors["onnx"].keys()
+    for uri, v in vectors["torch"].items():
+        assert np.abs(v - vectors["onnx"][uri]).max() < 1e-3, uri  # stored fp16: 1e-3 is its rounding
