@@ -139,16 +139,31 @@ class PooledCNN(torch.nn.Module):
         return self.net(x).unsqueeze(1)  # [n, 1, width]: "token 0" like the ViT's CLS
 
 
+class MaxPooledViT(torch.nn.Module):
+    """The ViT read by a max over its patch tokens instead of its CLS token (what a CNN's global max pool does)."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(x)[:, 1:].amax(1, keepdim=True)
+
+
 def supervised(cfg: AlbefConfig, stem: str, data: dict, steps: int, seed: int) -> dict:
-    """``stem``: "linear" / "conv" (the ViT with ``patch_stem``), "hybrid" (ViT on a CNN backbone), "cnn" (no ViT)."""
+    """``stem``: "linear" / "conv" (the ViT with ``patch_stem``), "hybrid" (ViT on a CNN backbone), "cnn" (no ViT);
+    a "-max" suffix reads the ViT by a max over its patch tokens instead of its CLS token."""
     torch.manual_seed(seed)
     vit: torch.nn.Module
-    if stem == "cnn":
+    base, _, pool = stem.partition("-")
+    if base == "cnn":
         vit = PooledCNN(cfg.vision_width)
     else:
-        vit = build_visual_encoder(cfg.replace(patch_stem="linear" if stem == "hybrid" else stem))
-        if stem == "hybrid":
+        vit = build_visual_encoder(cfg.replace(patch_stem="linear" if base == "hybrid" else base))
+        if base == "hybrid":
             vit.patch_embed.proj = HybridStem(cfg.vision_width)
+        if pool == "max":
+            vit = MaxPooledViT(vit)
     head = torch.nn.Linear(cfg.vision_width, len(SHAPES) + len(COLOUR_NAMES))
     params = list(vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.02)
@@ -217,7 +232,11 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=Path("models/weights/scenes-albef.json"))
     ap.add_argument("--train-images", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--stems", default="linear,conv,hybrid,cnn", help="supervised runs, comma-separated")
+    ap.add_argument(
+        "--stems",
+        default="linear,conv,hybrid,cnn",
+        help="supervised runs, comma-separated (linear-max, conv-max, hybrid-max: max over patch tokens)",
+    )
     ap.add_argument("--no-linear-probe", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
