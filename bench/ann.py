@@ -18,8 +18,8 @@ For each size and dimension (256-d like ALBEF, 512-d like CLIP ViT-B), in one ru
 
 Usage::
 
-    python bench/ann.py                       # 100k at 256+512-d, 1M at 256-d (~40 min on 2 busy cores)
-    python bench/ann.py --sizes 100000 --dims 256
+    python bench/ann.py                       # 100k and 1M at 256+512-d (~47 min on 2 cores, one thread)
+    python bench/ann.py --plan 100000:256 --segments 0
     python bench/ann.py --toy                 # seconds: 10k vectors at 32-d (the end-to-end test)
 
 Writes ``bench/results/ann.json`` and ``docs/img/ann.png``. Reusable pieces (e.g. for ``bench/gpu.py``):
@@ -338,7 +338,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     ap.add_argument(
         "--plan",
-        default="100000:256,100000:512,1000000:256",
+        default="100000:256,100000:512,1000000:256,1000000:512",
         help="comma-separated N:DIM runs (default: %(default)s)",
     )
     ap.add_argument("--cells", default="Flat,HNSW,IVF-Flat,IVF-PQ+refine")
