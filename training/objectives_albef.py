@@ -34,7 +34,7 @@ from torch import nn
 from alignfuse.errors import InvalidInputError
 from alignfuse.models.albef.bert import KV, AlbefBert, BertMLMHead
 from alignfuse.models.albef.config import AlbefConfig
-from alignfuse.models.albef.model import AlbefModel, build_visual_encoder
+from alignfuse.models.albef.model import AlbefModel, build_visual_encoder, pool_image
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,9 @@ class AlbefForTraining(AlbefModel):
         with torch.no_grad():
             self.momentum_update()
             image_tokens_m = self.visual_encoder_m.forward_features(batch.pixels)
-            image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0, :]), dim=-1)
+            image_feat_m = F.normalize(
+                self.vision_proj_m(pool_image(image_tokens_m, self.config.image_pool)), dim=-1
+            )
             image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone().detach()], dim=1)
             text_states_m = self.text_encoder_m.forward_text(batch.ids, batch.mask)
             text_feat_m = F.normalize(self.text_proj_m(text_states_m[:, 0, :]), dim=-1)

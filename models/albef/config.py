@@ -69,7 +69,12 @@ class AlbefConfig:
     vision_heads: int = 12
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
-    patch_stem: str = "linear"  # "linear" (ALBEF's patch embedding) or "conv" (models/albef/stem.py)
+    patch_stem: str = (
+        "linear"  # "linear" (ALBEF's patch embedding), "conv" or "hybrid" (models/albef/stem.py)
+    )
+    image_pool: str = (
+        "cls"  # ITC image embedding read from the CLS token (ALBEF) or "max" over the patch tokens
+    )
     # heads / text length
     embed_dim: int = 256
     max_text_len: int = 30
@@ -91,8 +96,10 @@ class AlbefConfig:
             problems.append("max_text_len must lie in [1, max_position_embeddings]")
         if self.encoder_width != self.vision_width:
             problems.append("encoder_width (cross-attention K/V input) must equal vision_width")
-        if self.patch_stem not in ("linear", "conv"):
-            problems.append("patch_stem must be 'linear' or 'conv'")
+        if self.patch_stem not in ("linear", "conv", "hybrid"):
+            problems.append("patch_stem must be 'linear', 'conv' or 'hybrid'")
+        if self.image_pool not in ("cls", "max"):
+            problems.append("image_pool must be 'cls' or 'max'")
         if self.hidden_act != "gelu":
             problems.append("only hidden_act='gelu' (exact GELU) is supported")
         if problems:

@@ -28,7 +28,7 @@ from torch import nn
 
 from alignfuse.models.albef.bert import KV, AlbefBert
 from alignfuse.models.albef.config import AlbefConfig
-from alignfuse.models.albef.stem import ConvStemPatchEmbed
+from alignfuse.models.albef.stem import ConvStemPatchEmbed, HybridPatchEmbed
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ VIT_LN_EPS = 1e-6
 
 def build_visual_encoder(config: AlbefConfig) -> VisionTransformer:
     """timm ViT as ALBEF configures it: class token, learned pos_embed, qkv bias, LayerNorm eps 1e-6,
-    exact GELU, final norm, no head, no pooling (all tokens returned); ``patch_stem="conv"`` swaps the linear
-    patch embedding for a small convolutional stem (same token grid; our scenes models only)."""
+    exact GELU, final norm, no head, no pooling (all tokens returned); ``patch_stem="conv"`` / ``"hybrid"`` swap the
+    linear patch embedding for a small convolutional stem / CNN backbone (same token grid; our scenes models only)."""
     return VisionTransformer(
         img_size=config.image_res,
         patch_size=config.patch_size,
@@ -52,8 +52,21 @@ def build_visual_encoder(config: AlbefConfig) -> VisionTransformer:
         class_token=True,
         norm_layer=partial(nn.LayerNorm, eps=VIT_LN_EPS),
         drop_path_rate=config.drop_path_rate,
-        embed_layer=ConvStemPatchEmbed if config.patch_stem == "conv" else PatchEmbed,
+        embed_layer=_PATCH_EMBEDS[config.patch_stem],
     )
+
+
+_PATCH_EMBEDS: dict[str, type[PatchEmbed]] = {
+    "linear": PatchEmbed,
+    "conv": ConvStemPatchEmbed,
+    "hybrid": HybridPatchEmbed,
+}
+
+
+def pool_image(tokens: torch.Tensor, how: str) -> torch.Tensor:
+    """The vector the ITC image embedding projects: the CLS token (ALBEF, ``"cls"``) or the max over the patch
+    tokens (``"max"``, what a CNN's global max pool reads) → [n, Dv]."""
+    return tokens[:, 1:, :].amax(dim=1) if how == "max" else tokens[:, 0, :]
 
 
 class AlbefModel(nn.Module):
@@ -102,8 +115,8 @@ class AlbefModel(nn.Module):
         return self.text_encoder.forward_text(ids, mask)
 
     def image_embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """ITC image embedding: normalize(vision_proj(CLS token)) → [n, E]."""
-        return F.normalize(self.vision_proj(tokens[:, 0, :]), dim=-1)
+        """ITC image embedding: normalize(vision_proj(CLS token, or the patch tokens' max: ``image_pool``)) → [n, E]."""
+        return F.normalize(self.vision_proj(pool_image(tokens, self.config.image_pool)), dim=-1)
 
     def text_embed(self, states: torch.Tensor) -> torch.Tensor:
         """ITC text embedding: normalize(text_proj(CLS state of the text layers)) → [n, E]."""

@@ -9,7 +9,7 @@ import torch
 from alignfuse.errors import InvalidInputError
 from alignfuse.models.albef.config import AlbefConfig, get_albef_config
 from alignfuse.models.albef.model import AlbefModel
-from alignfuse.models.albef.stem import ConvStem, stem_strides
+from alignfuse.models.albef.stem import ConvStem, HybridStem, stem_strides
 
 
 @pytest.mark.parametrize(("patch", "strides"), [(12, [2, 2, 3]), (16, [2, 2, 2, 2]), (14, [2, 7]), (3, [3])])
@@ -47,3 +47,50 @@ def test_conv_stem_round_trips_through_json(tmp_path: object) -> None:
     assert AlbefConfig.from_dict(cfg.to_dict()).patch_stem == "conv"
     with pytest.raises(InvalidInputError, match="patch_stem"):
         get_albef_config("tiny").replace(patch_stem="resnet")
+
+
+@pytest.mark.parametrize("patch", [12, 16])
+def test_hybrid_stem_gives_the_patch_grid(patch: int) -> None:
+    stem = HybridStem(patch, 48)
+    assert stem(torch.randn(2, 3, patch * 4, patch * 4)).shape == (2, 48, 4, 4)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in stem.modules()) == len(stem_strides(patch))
+
+
+def test_hybrid_stem_sees_each_patch_alone() -> None:
+    """Token (i, j) of the hybrid stem depends on pixels of its own patch and a 3×3 conv's reach around it, never on
+    far-away pixels: changing one corner patch leaves the opposite corner's token unchanged."""
+    torch.manual_seed(0)
+    stem = HybridStem(12, 32).eval()
+    x = torch.randn(1, 3, 48, 48)
+    y = x.clone()
+    y[..., :12, :12] += 1.0
+    a, b = stem(x), stem(y)
+    assert not torch.allclose(a[..., 0, 0], b[..., 0, 0])
+    assert torch.allclose(a[..., 3, 3], b[..., 3, 3])
+
+
+def test_max_pooled_itc_reads_the_patch_tokens_not_cls() -> None:
+    cfg = get_albef_config("tiny").replace(patch_stem="hybrid", image_pool="max")
+    torch.manual_seed(0)
+    model = AlbefModel(cfg).eval()
+    tokens = model.image_tokens(torch.randn(3, 3, cfg.image_res, cfg.image_res))
+    emb = model.image_embed(tokens)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    changed = tokens.clone()
+    changed[:, 0] += 5.0  # the CLS token does not enter a max-pooled embedding
+    assert torch.allclose(model.image_embed(changed), emb)
+    bumped = tokens.clone()
+    bumped[:, 1:, 0] += 5.0  # the patch tokens do
+    assert not torch.allclose(model.image_embed(bumped), emb)
+    cls_model = AlbefModel(cfg.replace(image_pool="cls")).eval()
+    cls_model.load_state_dict(model.state_dict())  # same parameters: the readout is not a weight
+    assert not torch.allclose(cls_model.image_embed(changed), cls_model.image_embed(tokens))
+
+
+def test_new_vision_options_round_trip_and_are_checked() -> None:
+    cfg = get_albef_config("tiny").replace(patch_stem="hybrid", image_pool="max")
+    again = AlbefConfig.from_dict(cfg.to_dict())
+    assert (again.patch_stem, again.image_pool) == ("hybrid", "max")
+    assert AlbefConfig.from_dict({}).image_pool == "cls"  # ALBEF's own configs read the CLS token
+    with pytest.raises(InvalidInputError, match="image_pool"):
+        get_albef_config("tiny").replace(image_pool="mean")
