@@ -61,16 +61,6 @@ class ConvStem(nn.Module):
         return self.net(x)
 
 
-class ConvStemPatchEmbed(PatchEmbed):
-    """timm's ``PatchEmbed`` (same token grid, flatten, checks) with ``proj`` replaced by a :class:`ConvStem`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        width = self.proj.out_channels
-        in_chans = self.proj.in_channels
-        self.proj = ConvStem(self.patch_size[0], width, in_chans)  # type: ignore[assignment]
-
-
 class HybridStem(nn.Module):
     """A CNN backbone: per pool factor of the patch size (:func:`stem_strides`), a 3×3 conv (stride 1) + GELU and a
     max-pool of that factor; channels from ``width // 3`` growing to ``width``; then a 1×1 conv to ``width``."""
@@ -92,11 +82,25 @@ class HybridStem(nn.Module):
         return self.net(x)
 
 
-class HybridPatchEmbed(PatchEmbed):
-    """timm's ``PatchEmbed`` with ``proj`` replaced by a :class:`HybridStem` (same token grid)."""
+class _StemPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` (same token grid, flatten, checks) with ``proj`` replaced by ``stem(patch, width, in)``."""
+
+    stem: type[ConvStem] | type[HybridStem]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         width = self.proj.out_channels
         in_chans = self.proj.in_channels
-        self.proj = HybridStem(self.patch_size[0], width, in_chans)  # type: ignore[assignment]
+        self.proj = self.stem(self.patch_size[0], width, in_chans)  # type: ignore[assignment]
+
+
+class ConvStemPatchEmbed(_StemPatchEmbed):
+    """The token embedding of ``patch_stem="conv"``: a :class:`ConvStem`."""
+
+    stem = ConvStem
+
+
+class HybridPatchEmbed(_StemPatchEmbed):
+    """The token embedding of ``patch_stem="hybrid"``: a :class:`HybridStem`."""
+
+    stem = HybridStem
