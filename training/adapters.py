@@ -16,6 +16,7 @@ from torch import nn
 from alignfuse.data.scenes import COLOURS, RELATIONS, SHAPES
 from alignfuse.errors import InvalidInputError, NotFoundError
 from alignfuse.models.albef.model import AlbefModel
+from alignfuse.training.bow import BowTable, bow_labels, bow_size
 from alignfuse.training.data import PairData, step_rng
 from alignfuse.training.objectives_albef import (
     AlbefBatch,
@@ -66,6 +67,23 @@ class AlbefArch(ModelAdapter):
         self.tok = tokenizer
         self.opts = opts
         self.device = device
+        self._bow: tuple[int, BowTable] | None = None  # (id of the PairData it was built for, table)
+
+    def bow_table(self, data: PairData) -> BowTable:
+        """Per image, the bag-of-words labels of all its captions (built once per dataset)."""
+        if self._bow is None or self._bow[0] != id(data):
+            m = self.model
+            assert isinstance(m, AlbefForTraining)
+            special = set(m.options.special_ids)
+            v, buckets = m.config.vocab_size, m.options.bow_buckets
+            ids, mask = self.tok(data.captions)
+            per_caption = [
+                bow_labels(row[: int(n)].tolist(), special, v, buckets)
+                for row, n in zip(ids, mask.sum(dim=1), strict=True)
+            ]
+            per_image = [set().union(*(per_caption[k] for k in caps)) for caps in data.captions_of]
+            self._bow = (id(data), BowTable(per_image, bow_size(v, buckets)))
+        return self._bow[1]
 
     def _tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tok(list(texts))
@@ -102,6 +120,8 @@ class AlbefArch(ModelAdapter):
                 batch.aux_ids, batch.aux_mask = self._tokens(aux)
                 batch.aux_owner = torch.tensor(owner, dtype=torch.long)
                 batch.aux_label = torch.tensor(label, dtype=torch.long)
+        if isinstance(self.model, AlbefForTraining) and self.model.options.bow_weight > 0:
+            batch.bow = self.bow_table(data).targets(images)
         if data.matches is not None:
             m = torch.zeros(len(images), len(images), dtype=torch.bool)
             for a, t in enumerate(texts):
@@ -277,6 +297,8 @@ def build_albef(model: ModelOptions, opts: TrainOptions, device: torch.device) -
         concept_mask_prob=model.concept_mask if model.mlm else 0.0,
         concept_groups=concept_groups(tok) if model.mlm and model.concept_mask > 0 else (),
         special_ids=(tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id),
+        bow_weight=model.bow_weight,
+        bow_buckets=model.bow_buckets,
     )
     net = AlbefForTraining(cfg, topts).to(device)
     return AlbefArch(net, tok, opts, device), cfg.image_res

@@ -34,6 +34,9 @@ from alignfuse.training.schedule import cosine_lambda, lr_floor, time_progress, 
 
 log = logging.getLogger(__name__)
 
+#: parameter prefixes of heads that only training uses, which a new stage may add or drop (``init_from``)
+_STAGE_HEADS = ("bow_head.",)
+
 
 @dataclass
 class TrainState:
@@ -134,6 +137,9 @@ class Trainer:
             raise CheckpointError(f"no checkpoint at {p}")
         blob = torch.load(p, map_location="cpu", weights_only=True)
         missing, unexpected = self.arch.model.load_state_dict(blob.get("model", blob), strict=False)
+        # training-only heads (bag of words) may be added or dropped between stages
+        missing = [k for k in missing if not k.startswith(_STAGE_HEADS)]
+        unexpected = [k for k in unexpected if not k.startswith(_STAGE_HEADS)]
         if missing or unexpected:
             raise CheckpointError(
                 f"{p} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"

@@ -35,6 +35,7 @@ from alignfuse.errors import InvalidInputError
 from alignfuse.models.albef.bert import KV, AlbefBert, BertMLMHead
 from alignfuse.models.albef.config import AlbefConfig
 from alignfuse.models.albef.model import AlbefModel, build_visual_encoder, pool_image
+from alignfuse.training.bow import bow_loss, bow_size
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class AlbefTrainingOptions:
     itm_weight: float = 1.0
     itc_weight: float = 1.0
     mlm_weight: float = 1.0
+    #: bag-of-words objective (:mod:`alignfuse.training.bow`): weight (0 = off, no head) and hashed pair buckets
+    bow_weight: float = 0.0
+    bow_buckets: int = 2048
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -73,6 +77,8 @@ class AlbefTrainingOptions:
             raise InvalidInputError("momentum must lie in [0, 1)")
         if not 0.0 <= self.mlm_probability <= 1.0 or not 0.0 <= self.concept_mask_prob <= 1.0:
             raise InvalidInputError("probabilities must lie in [0, 1]")
+        if self.bow_weight < 0 or self.bow_buckets < 0:
+            raise InvalidInputError("bow_weight and bow_buckets must be >= 0")
 
 
 @dataclass
@@ -99,6 +105,8 @@ class AlbefBatch:
     aux_mask: torch.Tensor | None = None
     aux_owner: torch.Tensor | None = None
     aux_label: torch.Tensor | None = None
+    #: bag-of-words targets [B, labels] (multi-hot over the words and word pairs of the image's captions)
+    bow: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> AlbefBatch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -117,6 +125,7 @@ class AlbefBatch:
             mv(self.aux_mask),
             mv(self.aux_owner),
             mv(self.aux_label),
+            mv(self.bow),
         )
 
 
@@ -133,6 +142,7 @@ class AlbefLosses:
     itm_neg_acc: float  # in-batch hard negatives predicted "no match"
     itm_pert_acc: float  # caption-perturbation negatives predicted "no match" (nan when none)
     itm_aux_acc: float = math.nan  # labelled extra pairs (attribute captions) predicted right
+    bow: float = math.nan  # bag-of-words loss (nan when off)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -145,6 +155,7 @@ class AlbefLosses:
             "itm_neg_acc": self.itm_neg_acc,
             "itm_pert_acc": self.itm_pert_acc,
             "itm_aux_acc": self.itm_aux_acc,
+            "bow": self.bow,
         }
 
 
@@ -217,6 +228,10 @@ class AlbefForTraining(AlbefModel):
         self.text_encoder_m: Any = BertForMaskedLM(config) if opts.mlm else AlbefBert(config)
         self.text_proj_m = nn.Linear(config.hidden_size, config.embed_dim)
         self.copy_params()
+        if opts.bow_weight > 0:  # training-only head; inference_state_dict drops it
+            self.bow_head = nn.Linear(config.vision_width, bow_size(config.vocab_size, opts.bow_buckets))
+            nn.init.normal_(self.bow_head.weight, std=config.init_std)
+            nn.init.zeros_(self.bow_head.bias)
 
     def _init_linear_like(self, head: BertMLMHead) -> None:
         """BERT init for the MLM head (its decoder weight is tied to the word embeddings)."""
@@ -432,7 +447,14 @@ class AlbefForTraining(AlbefModel):
                     loss_mlm = (1 - alpha) * loss_mlm + alpha * loss_distill
 
         total = opts.itc_weight * loss_itc + opts.itm_weight * loss_itm + opts.mlm_weight * loss_mlm
-        return AlbefLosses(total, loss_itc, loss_itm, loss_mlm, itm_acc, pos_acc, neg_acc, pert_acc, aux_acc)
+        bow = math.nan
+        if opts.bow_weight > 0 and batch.bow is not None:  # from the vector the ITC projects
+            loss_bow = bow_loss(self.bow_head(pool_image(image_tokens, self.config.image_pool)), batch.bow)
+            total = total + opts.bow_weight * loss_bow
+            bow = float(loss_bow.detach())
+        return AlbefLosses(
+            total, loss_itc, loss_itm, loss_mlm, itm_acc, pos_acc, neg_acc, pert_acc, aux_acc, bow
+        )
 
 
 def _rows_with_mass(w: torch.Tensor) -> torch.Tensor:
@@ -451,13 +473,13 @@ def _rows_with_mass(w: torch.Tensor) -> torch.Tensor:
 
 def inference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The retrieval model's weights only (ALBEF's released ``mscoco.pth`` layout): drops momentum copies,
-    queues and the MLM head, and renames ``text_encoder.bert.`` → ``text_encoder.``."""
+    queues, the MLM head and the bag-of-words head, and renames ``text_encoder.bert.`` → ``text_encoder.``."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         top = key.split(".", 1)[0]
         if top.endswith("_m") or top in ("image_queue", "text_queue", "idx_queue", "queue_ptr"):
             continue
-        if key.startswith("text_encoder.cls."):
+        if key.startswith(("text_encoder.cls.", "bow_head.")):
             continue
         if key.startswith("text_encoder.bert."):
             key = "text_encoder." + key[len("text_encoder.bert.") :]

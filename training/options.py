@@ -86,6 +86,9 @@ class ModelOptions:
     queue_size: int = 4096
     momentum: float = 0.995
     itm_balance: bool = False
+    #: bag-of-words objective (:mod:`alignfuse.training.bow`): its weight (0 = off) and hashed word-pair buckets
+    bow_weight: float = 0.0
+    bow_buckets: int = 2048
 
 
 @dataclass(frozen=True)

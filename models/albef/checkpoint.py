@@ -52,11 +52,13 @@ _POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
 
 def is_documented_extra(key: str) -> bool:
     """Keys an ALBEF checkpoint may hold that an inference model does not need: momentum encoders
-    (``*_m.*``), queues, the MLM head (``text_encoder.cls.*``) and ``position_ids`` buffers."""
+    (``*_m.*``), queues, the MLM head (``text_encoder.cls.*``), ``position_ids`` buffers, and the
+    bag-of-words head of alignfuse's own training checkpoints (``bow_head.*``)."""
     head = key.split(".", 1)[0]
     return (
         key in _QUEUES
         or head.endswith("_m")
+        or head == "bow_head"
         or key.startswith(("text_encoder.cls.", "text_encoder_m.cls."))
         or key.endswith("embeddings.position_ids")
     )

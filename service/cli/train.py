@@ -81,6 +81,17 @@ def train(
     itm_balance: bool = typer.Option(
         False, "--itm-balance/--no-itm-balance", help="ALBEF: weight ITM classes equally."
     ),
+    bow: float = typer.Option(
+        0.0,
+        "--bow",
+        help="ALBEF: weight of the bag-of-words objective (predict from the image the words and word pairs of "
+        "its captions; 0 = off).",
+    ),
+    bow_buckets: int = typer.Option(
+        2048,
+        "--bow-buckets",
+        help="ALBEF: hashed buckets for the word pairs of --bow (0 = single words only).",
+    ),
     time_schedule: bool = typer.Option(False, "--time-schedule", help="Anneal the LR over --max-minutes."),
     mlm_distill: bool = typer.Option(
         True, "--mlm-distill/--no-mlm-distill", help="ALBEF: distil MLM from the momentum model."
@@ -116,6 +127,8 @@ def train(
             queue_size=queue_size,
             momentum=momentum,
             itm_balance=itm_balance,
+            bow_weight=bow,
+            bow_buckets=bow_buckets,
         ),
         train=TrainOptions(
             arch=cast(Arch, arch),
@@ -159,8 +172,10 @@ def train(
             if "val" in rec:
                 bar.console.print(f"epoch {rec['epoch_done']} val: {json.dumps(rec['val'])}")
                 return
+            if "batch" not in rec:  # an epoch's end without validation data
+                return
             losses = " ".join(
-                f"{k}={rec[k]:.3f}" for k in ("loss", "itc", "itm", "mlm", "itm_acc") if k in rec
+                f"{k}={rec[k]:.3f}" for k in ("loss", "itc", "itm", "mlm", "bow", "itm_acc") if k in rec
             )
             bar.update(task, completed=rec["batch"], total=rec["batches"], epoch=rec["epoch"], losses=losses)
 

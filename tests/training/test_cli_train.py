@@ -38,6 +38,27 @@ def test_cli_trains_albef_and_clip_on_scenes(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "scenes-albef.safetensors").is_file() and (
         tmp_path / "a" / "vocab.txt"
     ).is_file()
+    # with the bag-of-words objective and no validation data (an epoch end without a val record)
+    res = runner.invoke(
+        app,
+        ["train", "--data", str(data), "--epochs", "1", "--batch-size", "6", "--threads", "1"]
+        + [
+            "--model-config",
+            "tiny",
+            "--vocab",
+            str(vocab),
+            "--out",
+            str(tmp_path / "b"),
+            "--queue-size",
+            "12",
+        ]
+        + ["--bow", "1.0", "--bow-buckets", "64"],
+    )
+    assert res.exit_code == 0, res.output
+    log = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    bows = [r["bow"] for r in log if "bow" in r]
+    assert bows and all(b > 0 for b in bows)  # NaN (objective off) fails too
+    assert not any(k.startswith("bow_head.") for k in load_file(str(tmp_path / "b" / "albef.safetensors")))
     clip_cfg = tmp_path / "clip.json"
     clip_cfg.write_text(
         json.dumps(

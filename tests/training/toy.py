@@ -77,7 +77,8 @@ def toy_data(n: int, seed: int) -> PairData:
     return PairData(torch.stack(imgs), caps, list(range(n)), perturb=perturb, matches=matches)
 
 
-def make_arch(vocab: Path, opts: TrainOptions, mlm: bool = True) -> AlbefArch:
+def make_arch(vocab: Path, opts: TrainOptions, mlm: bool = True, **objectives: float) -> AlbefArch:
+    """A tiny ALBEF adapter; ``objectives``: further :class:`AlbefTrainingOptions` (weights, ``bow_weight``)."""
     from alignfuse.models.text import AlbefTokenizer
 
     torch.manual_seed(opts.seed)
@@ -89,5 +90,6 @@ def make_arch(vocab: Path, opts: TrainOptions, mlm: bool = True) -> AlbefArch:
         itm_balance=True,
         mlm=mlm,
         special_ids=(tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id),
+        **objectives,  # type: ignore[arg-type]
     )
     return AlbefArch(AlbefForTraining(cfg, topts), tok, opts, torch.device("cpu"))
