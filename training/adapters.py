@@ -67,11 +67,11 @@ class AlbefArch(ModelAdapter):
         self.tok = tokenizer
         self.opts = opts
         self.device = device
-        self._bow: tuple[int, BowTable] | None = None  # (id of the PairData it was built for, table)
+        self._bow: tuple[PairData, BowTable] | None = None  # (the data it was built for, table)
 
     def bow_table(self, data: PairData) -> BowTable:
         """Per image, the bag-of-words labels of all its captions (built once per dataset)."""
-        if self._bow is None or self._bow[0] != id(data):
+        if self._bow is None or self._bow[0] is not data:
             m = self.model
             assert isinstance(m, AlbefForTraining)
             special = set(m.options.special_ids)
@@ -82,7 +82,7 @@ class AlbefArch(ModelAdapter):
                 for row, n in zip(ids, mask.sum(dim=1), strict=True)
             ]
             per_image = [set().union(*(per_caption[k] for k in caps)) for caps in data.captions_of]
-            self._bow = (id(data), BowTable(per_image, bow_size(v, buckets)))
+            self._bow = (data, BowTable(per_image, bow_size(v, buckets)))
         return self._bow[1]
 
     def _tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

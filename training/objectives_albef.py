@@ -2,8 +2,9 @@
 hard negatives sampled from the ITC similarities (plus optional caption-perturbation negatives); MLM on the
 fused text (15%, 80/10/10, ALBEF's second forward pass on the masked caption).
 
-(Just over 450 lines on purpose: the three objectives share the momentum model, the queues and one forward pass,
-and read best side by side with ALBEF's own ``model_retrieval.py``.)
+(Just over 450 lines on purpose: the three objectives — and the optional bag of words — share the momentum model,
+the queues and one forward pass (MLM's second pass reads the same image states, ITM's negatives come from ITC's
+similarities), and read best side by side with ALBEF's own ``model_retrieval.py``.)
 
 :class:`AlbefForTraining` is :class:`~alignfuse.models.albef.model.AlbefModel` plus ALBEF's momentum copies and queues,
 with ALBEF's parameter names, so ``state_dict()`` *is* an official checkpoint layout:
@@ -15,9 +16,6 @@ with ALBEF's parameter names, so ``state_dict()`` *is* an official checkpoint la
 
 :func:`inference_state_dict` strips either layout down to what the retrieval model needs (the released
 ``mscoco.pth`` layout), which is what ``load_albef_checkpoint`` reads.
-
-A little over ~450 lines on purpose: the three objectives share one forward pass (MLM's second pass reads the
-same image states, ITM's negatives come from ITC's similarities), which reads best as one function.
 """
 
 from __future__ import annotations

@@ -175,7 +175,9 @@ def train(
             if "batch" not in rec:  # an epoch's end without validation data
                 return
             losses = " ".join(
-                f"{k}={rec[k]:.3f}" for k in ("loss", "itc", "itm", "mlm", "bow", "itm_acc") if k in rec
+                f"{k}={rec[k]:.3f}"
+                for k in ("loss", "itc", "itm", "mlm", "bow", "itm_acc")
+                if k in rec and rec[k] == rec[k]  # NaN: an objective that is off
             )
             bar.update(task, completed=rec["batch"], total=rec["batches"], epoch=rec["epoch"], losses=losses)
 
