@@ -1,4 +1,4 @@
-"""CPU serving speed: torch fp32 / ONNX Runtime fp32 / ONNX Runtime int8 / torch int8 (issue 16).
+"""CPU serving speed: torch fp32 / ONNX Runtime fp32 / ONNX Runtime int8 / torch int8 / torch bf16 (issue 16).
 
 For base-size ALBEF (ViT-B/16 at 384 px + BERT-base, random weights) and open_clip ViT-B-32 (random weights),
 at 1 and 2 threads, per variant:
@@ -13,7 +13,9 @@ at 1 and 2 threads, per variant:
 Against the FLOPs (counted with ``torch.utils.flop_counter`` on the torch model) and the machine's measured
 fp32 (torch GEMM) and int8 (ONNX Runtime ``MatMulInteger``) matmul rates: ``ceiling_*`` is FLOPs / rate, the
 time a kernel running at the matmul rate would take. Also the top-10 overlap of each variant's rerank with
-torch fp32's at the largest C.
+torch fp32's at the largest C. ``torch-bf16`` (fp32 weights under bf16 autocast) runs only on a CPU with native
+bf16 (Intel AMX / AVX512-BF16: ``alignfuse.models.base.cpu_has_native_bf16``); elsewhere it would run fp32 and
+is left out (``variants_skipped``). Its matmul rate is measured too (torch bf16 GEMM).
 
 ``python bench/cpu.py`` (base sizes; slow on a loaded 2-core machine), ``--quick`` (tiny models, seconds).
 """
@@ -37,7 +39,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import ROOT, machine_info
 
-VARIANTS = (("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"), ("torch", "int8"))
+VARIANTS = (("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"), ("torch", "int8"), ("torch", "bf16"))
+
+
+def variants() -> tuple[tuple[str, str], ...]:
+    """The variants this CPU runs as named (bf16 only with native bf16; elsewhere it would be fp32 again)."""
+    from alignfuse.models.base import cpu_has_native_bf16
+
+    return tuple(v for v in VARIANTS if v[1] != "bf16" or cpu_has_native_bf16())
+
+
 QUERY = "a man riding a bike down a street next to a red bus"
 
 
@@ -63,6 +74,8 @@ def matmul_rates(threads: int, size: int) -> dict[str, float]:
     a, b = torch.randn(size, size), torch.randn(size, size)
     flops = 2.0 * size**3
     fp32 = flops / _time(lambda: a @ b, 5) / 1e9
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    bf16 = flops / _time(lambda: a16 @ b16, 5) / 1e9
     w = np.random.default_rng(0).integers(-127, 127, (size, size), dtype=np.int8)
     graph = helper.make_graph(
         [helper.make_node("MatMulInteger", ["a", "w"], ["y"])],
@@ -78,7 +91,7 @@ def matmul_rates(threads: int, size: int) -> dict[str, float]:
     x = np.random.default_rng(1).integers(0, 255, (size, size), dtype=np.uint8)
     int8 = flops / _time(lambda: sess.run(None, {"a": x}), 5) / 1e9
     _ = onnx
-    return {"fp32_gflops": round(fp32, 2), "int8_gops": round(int8, 2)}
+    return {"fp32_gflops": round(fp32, 2), "int8_gops": round(int8, 2), "bf16_gflops": round(bf16, 2)}
 
 
 def _flops(fn: Callable[[], Any]) -> float:
@@ -116,7 +129,7 @@ def bench_albef(
         "rerank_per_pair": _flops(lambda: base.score(ts, base.image_states_from_tokens(tokens[:8]))) / 8,
         "build_per_image": _flops(lambda: base.image_states(pixels[:1])),
     }
-    for runtime, precision in VARIANTS:
+    for runtime, precision in variants():
         name = f"{runtime}-{precision}"
         t0 = time.perf_counter()
         cross = create_cross_encoder(spec, "cpu", precision, runtime, cache)
@@ -158,6 +171,11 @@ def bench_albef(
         "rerank_s": {str(c): c * out["flops"]["rerank_per_pair"] / irate for c in args.candidates},
         "build_images_per_s": irate / out["flops"]["build_per_image"],
     }
+    brate = rates["bf16_gflops"] * 1e9
+    out["ceiling_bf16"] = {
+        "rerank_s": {str(c): c * out["flops"]["rerank_per_pair"] / brate for c in args.candidates},
+        "build_images_per_s": brate / out["flops"]["build_per_image"],
+    }
     return out
 
 
@@ -176,7 +194,7 @@ def bench_clip(
         "build_per_image": _flops(lambda: base.encode_images(pixels[:1])),
     }
     ref = base.encode_texts([QUERY, "a cat", "two dogs on a beach at sunset"])
-    for runtime, precision in VARIANTS:
+    for runtime, precision in variants():
         name = f"{runtime}-{precision}"
         t0 = time.perf_counter()
         dual = create_dual_encoder(spec, "cpu", precision, runtime, cache)
@@ -213,6 +231,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.plot(cs, [row["rerank_s"][str(c)] for c in cs], marker="o", label=name)
         ax.plot(cs, list(run["ceiling_fp32"]["rerank_s"].values()), "k--", label="fp32 matmul ceiling")
         ax.plot(cs, list(run["ceiling_int8"]["rerank_s"].values()), "k:", label="int8 matmul ceiling")
+        if "ceiling_bf16" in run:
+            ax.plot(cs, list(run["ceiling_bf16"]["rerank_s"].values()), "k-.", label="bf16 matmul ceiling")
         if result["targets"]["rerank_s"]:
             ax.scatter(
                 [int(c) for c in result["targets"]["rerank_s"]], list(result["targets"]["rerank_s"].values()),
@@ -225,7 +245,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{run['model']}, {run['threads']} thread(s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("CPU rerank: torch / ONNX Runtime, fp32 / int8 (cached image tokens)")
+    fig.suptitle("CPU rerank: torch / ONNX Runtime, fp32 / int8 / bf16 (cached image tokens)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -276,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"rerank_s": {} if args.quick else {"32": 0.3, "128": 1.2}, "clip_text_ms": 15.0,
                     "build_speedup": 2.0, "threads": 2},
         "matmul": {},
+        "variants_skipped": [f"{r}-{p}" for r, p in VARIANTS if (r, p) not in variants()],
         "albef": [],
         "clip": [],
     }  # fmt: skip

@@ -7,6 +7,8 @@ split so text states and image states are computed once each and reused across m
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -22,6 +24,11 @@ Precision = Literal["fp32", "fp16", "bf16", "int8"]
 ResizeMode = Literal["squash", "shortest", "longest"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+
+#: what a caller may ask for: a precision, or ``auto``: bf16 on a CPU with native bf16 for models big enough
+#: that it pays (``models.runtime.AUTO_MIN_PARAMS``), of families that run it there; fp32 everywhere else
+PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 
 #: what executes a model: ``torch`` (eager PyTorch), ``onnx`` (graphs exported to ONNX, run by ONNX Runtime,
 #: CPU), ``auto`` (ONNX Runtime on a CPU for models big enough that it pays, else torch)
@@ -80,6 +87,34 @@ def fuse_scores(
         return logit + cos
     assert itc_logit_scale is not None  # itm+itc_logit (check_fusion)
     return logit + cos * np.float32(itc_logit_scale)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (Intel AMX or AVX512-BF16), where bf16 autocast on the CPU
+    is several times faster than fp32 (elsewhere oneDNN emulates it, slower than fp32)."""
+    return _cpu_bf16_flags()
+
+
+@functools.cache
+def _cpu_bf16_flags() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, probe, None)
+        try:
+            if fn is not None and bool(fn()):
+                return True
+        except RuntimeError:  # pragma: no cover - torch builds without the probe
+            continue
+    return False
+
+
+def cpu_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    """The autocast context a model's forward passes run in on the CPU: bf16 when ``precision`` is bf16 and
+    the CPU has native bf16 (:func:`cpu_has_native_bf16`; weights stay fp32, matmuls run in bf16), else none.
+    """
+    if device.type == "cpu" and precision == "bf16" and cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:

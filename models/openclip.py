@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from open_clip import pretrained as oc_pretrained
 
 from alignfuse.errors import InvalidInputError, ModelUnavailableError
-from alignfuse.models.base import ImageTransform, ModelInfo, Precision, Preprocess
+from alignfuse.models.base import ImageTransform, ModelInfo, Precision, Preprocess, cpu_autocast
 from alignfuse.models.hub import require_download, sha256_file, sha256_state_dict
 from alignfuse.models.registry import ModelEntry, ModelSpec, register_family
 
@@ -55,7 +55,7 @@ class OpenClipDualEncoder:
         if self.device.type == "cuda" and self.precision != "fp32":
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             return torch.autocast("cuda", dtype=dtype)
-        return torch.autocast("cpu", enabled=False)
+        return cpu_autocast(self.device, self.precision)  # bf16 on a CPU with native bf16, else nothing
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
@@ -283,4 +283,4 @@ def _known() -> list[ModelEntry]:
     return out
 
 
-register_family("open_clip", dual=_dual, known=_known)
+register_family("open_clip", dual=_dual, known=_known, cpu_bf16=True)

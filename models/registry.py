@@ -29,7 +29,14 @@ from typing import Literal
 import torch
 
 from alignfuse.errors import InvalidInputError, ModelUnavailableError
-from alignfuse.models.base import PRECISIONS, RUNTIMES, CrossEncoder, DualEncoder, Precision
+from alignfuse.models.base import (
+    PRECISION_CHOICES,
+    RUNTIMES,
+    CrossEncoder,
+    DualEncoder,
+    Precision,
+    cpu_has_native_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,8 @@ class _Family:
     dual: DualFactory | None
     cross: CrossFactory | None
     known: Callable[[], list[ModelEntry]] | None
+    #: whether the family runs ``bf16`` on a CPU (as autocast, where the CPU has native bf16)
+    cpu_bf16: bool = False
 
 
 _FAMILIES: dict[str, _Family] = {}
@@ -87,11 +96,14 @@ def register_family(
     dual: DualFactory | None = None,
     cross: CrossFactory | None = None,
     known: Callable[[], list[ModelEntry]] | None = None,
+    cpu_bf16: bool = False,
 ) -> None:
-    """Register the factories of a model family (``open_clip``, ``albef``, ...)."""
+    """Register the factories of a model family (``open_clip``, ``albef``, ...). ``cpu_bf16``: its models
+    run ``precision="bf16"`` on a CPU with native bf16 (:func:`~alignfuse.models.base.cpu_autocast`); other
+    families run fp32 there."""
     if not name.replace("_", "").isalnum():
         raise ValueError(f"bad family name {name!r}")
-    _FAMILIES[name] = _Family(name, dual, cross, known)
+    _FAMILIES[name] = _Family(name, dual, cross, known, cpu_bf16)
 
 
 def _ensure_families() -> None:
@@ -148,9 +160,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _check_precision(precision: str, device: torch.device) -> Precision:
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+def _check_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> Precision:
+    """The precision a family builds with: int8 builds fp32 (quantized afterwards); on a CPU, bf16 stays bf16
+    for families that autocast it where the CPU has native bf16, anything else runs fp32 (with a warning)."""
+    if precision not in PRECISION_CHOICES:
+        raise InvalidInputError(f"precision {precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
+    if precision == "auto":
+        return "fp32"  # the family builds fp32; _auto_precision may turn on bf16 autocast afterwards
     if precision == "int8":
         if device.type != "cpu":
             raise InvalidInputError(
@@ -158,8 +174,41 @@ def _check_precision(precision: str, device: torch.device) -> Precision:
             )
         return "fp32"  # the family builds fp32; the runtime layer quantizes (models/runtime)
     if precision != "fp32" and device.type == "cpu":
-        log.warning("precision %s on CPU is slower than fp32 here; consider --precision fp32", precision)
+        if precision == "bf16" and cpu_bf16 and cpu_has_native_bf16():
+            return "bf16"  # fp32 weights, bf16 autocast (AMX / AVX512-BF16): see models.base.cpu_autocast
+        log.warning(
+            "precision %s on this CPU runs fp32 (%s)",
+            precision,
+            "fp16 runs on GPUs only"
+            if precision == "fp16"
+            else (
+                "no native bf16: AMX or AVX512-BF16"
+                if cpu_bf16
+                else "this model family runs bf16 on GPUs only"
+            ),
+        )
+        return "fp32"
     return precision  # type: ignore[return-value]
+
+
+def _auto_precision(model: object, device: torch.device, cpu_bf16: bool) -> Precision:
+    """``auto``: bf16 (autocast) on a CPU with native bf16 for models of at least ``AUTO_MIN_PARAMS``
+    parameters of families that run it there (measured faster and within the parity bounds:
+    docs/benchmarks.md); fp32 otherwise (small models gain nothing, GPUs keep fp32 unless asked)."""
+    if device.type != "cpu" or not cpu_bf16 or not cpu_has_native_bf16():
+        return "fp32"
+    from alignfuse.models.runtime import AUTO_MIN_PARAMS, parameter_count
+
+    return "bf16" if parameter_count(model) >= AUTO_MIN_PARAMS else "fp32"
+
+
+def _record_active(model: object, precision: str) -> None:
+    """Name what a torch-runtime model runs (read by ``models.runtime.active_precision``)."""
+    try:
+        model.runtime = "torch"  # type: ignore[attr-defined]
+        model.precision = precision  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - an adapter with slots
+        pass
 
 
 def _family_for(spec: ModelSpec) -> _Family:
@@ -197,12 +246,16 @@ def create_dual_encoder(
         raise InvalidInputError(f"{ms.raw}: family {fam.name!r} has no dual encoder")
     dev = resolve_device(device)
     rt = _check_runtime(runtime)
-    model = fam.dual(ms, dev, _check_precision(precision, dev))
+    effective = _check_precision(precision, dev, fam.cpu_bf16)
+    model = fam.dual(ms, dev, effective)
+    if precision == "auto":
+        precision = effective = _auto_precision(model, dev, fam.cpu_bf16)
     if rt == "torch" and precision != "int8":
+        _record_active(model, effective)
         return model
     from alignfuse.models.runtime import wrap_dual
 
-    return wrap_dual(model, rt, precision, graph_cache_dir)
+    return wrap_dual(model, rt, "int8" if precision == "int8" else effective, graph_cache_dir)
 
 
 def create_cross_encoder(
@@ -222,12 +275,16 @@ def create_cross_encoder(
         )
     dev = resolve_device(device)
     rt = _check_runtime(runtime)
-    model = fam.cross(ms, dev, _check_precision(precision, dev))
+    effective = _check_precision(precision, dev, fam.cpu_bf16)
+    model = fam.cross(ms, dev, effective)
+    if precision == "auto":
+        precision = effective = _auto_precision(model, dev, fam.cpu_bf16)
     if rt == "torch" and precision != "int8":
+        _record_active(model, effective)
         return model
     from alignfuse.models.runtime import wrap_cross
 
-    return wrap_cross(model, rt, precision, graph_cache_dir)
+    return wrap_cross(model, rt, "int8" if precision == "int8" else effective, graph_cache_dir)
 
 
 def list_models() -> list[ModelEntry]:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from alignfuse.models.base import (
     Precision,
     Preprocess,
     TextStates,
+    cpu_autocast,
+    cpu_has_native_bf16,
     heatmaps_per_word,
     merge_word_pieces,
     pair_count,
@@ -98,11 +101,19 @@ class AlbefBundle:
         )
 
 
-def _model_dtype(device: torch.device, precision: Precision) -> torch.dtype:
+def _effective_precision(device: torch.device, precision: Precision) -> Precision:
+    """What runs: on a CPU, fp32, or bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16)."""
     if device.type == "cpu" and precision != "fp32":
-        logger.warning("ALBEF: %s on CPU is slow here; running fp32 instead", precision)
-        return torch.float32
-    return torch_dtype(precision)
+        if precision == "bf16" and cpu_has_native_bf16():
+            return "bf16"
+        logger.warning("ALBEF: %s on this CPU is slower than fp32; running fp32 instead", precision)
+        return "fp32"
+    return precision
+
+
+def _model_dtype(device: torch.device, precision: Precision) -> torch.dtype:
+    # a CPU keeps fp32 weights: its bf16 runs as autocast (AlbefBundle.amp)
+    return torch.float32 if device.type == "cpu" else torch_dtype(precision)
 
 
 def build_albef(
@@ -137,6 +148,7 @@ def build_albef(
         report = load_albef_checkpoint(model, weights_path)
         digest = sha256_file(weights_path)
         weights = str(weights_path)
+    precision = _effective_precision(dev, precision)
     model = model.to(device=dev, dtype=_model_dtype(dev, precision)).eval()
     model.requires_grad_(False)
     return AlbefBundle(model, tokenizer, config, dev, precision, weights, digest, report)
@@ -149,7 +161,13 @@ class _AlbefBase:
         self.tokenizer = bundle.tokenizer
         self.info = info
         self.device = bundle.device
+        #: what runs (the registry may set bf16 on a CPU for ``auto``: the weights are fp32 there either way)
+        self.precision: Precision = bundle.precision
         self._transform = SquashTransform(info.preprocess)
+
+    def amp(self) -> contextlib.AbstractContextManager[object]:
+        """The autocast every forward pass runs in (bf16 on a CPU with native bf16, else none)."""
+        return cpu_autocast(self.device, self.precision)
 
     @property
     def image_transform(self) -> ImageTransform:
@@ -181,15 +199,17 @@ class AlbefDualEncoder(_AlbefBase):
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         if len(pixels) == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        emb = self.model.image_embed(self.model.image_tokens(self._pixels(pixels)))
+        with self.amp():
+            emb = self.model.image_embed(self.model.image_tokens(self._pixels(pixels)))
         return emb.float().cpu().numpy()
 
     @torch.inference_mode()
     def encode_images_with_tokens(self, pixels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """One ViT pass → (ITC embeddings [n, E] float32, vision tokens [n, L, Dv] fp16 on the CPU): what an
         index build needs when the same ALBEF model also reranks (tokens feed the feature cache)."""
-        tokens = self.model.image_tokens(self._pixels(pixels))
-        emb = self.model.image_embed(tokens).float().cpu().numpy()
+        with self.amp():
+            tokens = self.model.image_tokens(self._pixels(pixels))
+            emb = self.model.image_embed(tokens).float().cpu().numpy()
         return emb, tokens.to("cpu", torch.float16)
 
     @torch.inference_mode()
@@ -199,7 +219,8 @@ class AlbefDualEncoder(_AlbefBase):
         if len(texts) == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         ids, mask = self._tokens(texts)
-        emb = self.model.text_embed(self.model.text_states(ids, mask))
+        with self.amp():
+            emb = self.model.text_embed(self.model.text_states(ids, mask))
         return emb.float().cpu().numpy()
 
 
@@ -224,11 +245,15 @@ class AlbefCrossEncoder(_AlbefBase):
     @torch.inference_mode()
     def text_states(self, texts: Sequence[str]) -> TextStates:
         ids, mask = self._tokens(texts)
-        return TextStates(ids, mask, self.model.text_states(ids, mask))
+        with self.amp():
+            hidden = self.model.text_states(ids, mask)
+        return TextStates(ids, mask, hidden.to(self.bundle.dtype))
 
     @torch.inference_mode()
     def image_states(self, pixels: torch.Tensor) -> ImageStates:
-        return self.image_states_from_tokens(self.model.image_tokens(self._pixels(pixels)))
+        with self.amp():
+            tokens = self.model.image_tokens(self._pixels(pixels))
+        return self.image_states_from_tokens(tokens)
 
     @torch.inference_mode()
     def image_states_from_tokens(self, tokens: torch.Tensor) -> ImageStates:
@@ -238,7 +263,12 @@ class AlbefCrossEncoder(_AlbefBase):
                 f"expected image tokens [n, {cfg.num_image_tokens}, {cfg.vision_width}], got {tuple(tokens.shape)}"
             )
         tokens = tokens.to(self.device, dtype=self.bundle.dtype)
-        kv = self.model.cross_kv(tokens) if self.kv_cache else None
+        kv = None
+        if self.kv_cache:
+            with self.amp():
+                kv = tuple(
+                    (k.to(self.bundle.dtype), v.to(self.bundle.dtype)) for k, v in self.model.cross_kv(tokens)
+                )
         return ImageStates(tokens, kv)
 
     @torch.inference_mode()
@@ -250,7 +280,8 @@ class AlbefCrossEncoder(_AlbefBase):
         hidden = text.hidden
         ids, mask = text.ids.to(self.device), text.mask.to(self.device)
         if hidden is None:
-            hidden = self.model.text_states(ids, mask)
+            with self.amp():
+                hidden = self.model.text_states(ids, mask)
         hidden = hidden.to(self.device, dtype=self.bundle.dtype)
         outs = []
         for start in range(0, n, self.max_pairs):
@@ -267,7 +298,8 @@ class AlbefCrossEncoder(_AlbefBase):
                     (k.to(self.device, self.bundle.dtype), v.to(self.device, self.bundle.dtype))
                     for k, v in kv
                 )
-            outs.append(self.model.itm_logits(h, m, None if kv is not None else tok, kv=kv).float())
+            with self.amp():
+                outs.append(self.model.itm_logits(h, m, None if kv is not None else tok, kv=kv).float())
         logits = torch.cat(outs)
         prob = logits.softmax(dim=-1)[:, 1]
         return MatchScores(logits[:, 1].cpu().numpy(), prob.cpu().numpy())

@@ -116,11 +116,13 @@ class AlbefModel(nn.Module):
 
     def image_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """ITC image embedding: normalize(vision_proj(CLS token, or the patch tokens' max: ``image_pool``)) → [n, E]."""
-        return F.normalize(self.vision_proj(pool_image(tokens, self.config.image_pool)), dim=-1)
+        return F.normalize(
+            full_precision(self.vision_proj, pool_image(tokens, self.config.image_pool)), dim=-1
+        )
 
     def text_embed(self, states: torch.Tensor) -> torch.Tensor:
         """ITC text embedding: normalize(text_proj(CLS state of the text layers)) → [n, E]."""
-        return F.normalize(self.text_proj(states[:, 0, :]), dim=-1)
+        return F.normalize(full_precision(self.text_proj, states[:, 0, :]), dim=-1)
 
     # ------------------------------------------------------------------ fusion
     def cross_kv(self, image_tokens: torch.Tensor) -> tuple[KV, ...]:
@@ -163,7 +165,16 @@ class AlbefModel(nn.Module):
         fused = self.text_encoder.forward_fusion(
             text_states, mask, kv=kv, image_tokens=image_tokens, cls_only=True
         )
-        return self.itm_head(fused[:, 0, :])
+        return full_precision(self.itm_head, fused[:, 0, :])
+
+
+def full_precision(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` in fp32 when autocast is on (CPU bf16 serving): the output heads are a negligible share of
+    the FLOPs, and bf16 would round ITM logits to ~0.03 at the usual magnitudes, tying close candidates."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return head(x)  # type: ignore[no-any-return]
+    with torch.autocast(x.device.type, enabled=False):
+        return head(x.float())  # type: ignore[no-any-return]
 
 
 def trailing_length(mask: torch.Tensor) -> int:

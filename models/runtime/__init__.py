@@ -47,6 +47,12 @@ def onnx_supported(model: Any) -> bool:
     return isinstance(model, AlbefDualEncoder | AlbefCrossEncoder | OpenClipDualEncoder)
 
 
+def parameter_count(model: Any) -> int:
+    """Parameters of the torch module behind an adapter (0 when there is none)."""
+    module = _torch_module(model)
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
 def resolve_runtime(runtime: str, model: Any, device: torch.device, precision: str = "fp32") -> str:
     """``torch`` or ``onnx`` for ``model`` on ``device``. ``onnx`` asked for where it cannot run (a GPU, a
     family without graphs, onnxruntime not installed) is an InvalidInputError; ``auto`` picks ``onnx`` on a
@@ -69,9 +75,7 @@ def resolve_runtime(runtime: str, model: Any, device: torch.device, precision: s
             raise InvalidInputError(f"--runtime onnx: {reason}")
         return "torch"
     if runtime == "auto":
-        module = _torch_module(model)
-        params = sum(p.numel() for p in module.parameters()) if module is not None else 0
-        return "onnx" if params >= AUTO_MIN_PARAMS else "torch"
+        return "onnx" if parameter_count(model) >= AUTO_MIN_PARAMS else "torch"
     return "onnx"
 
 
@@ -218,6 +222,20 @@ def active_runtime(model: Any) -> str:
     return str(getattr(model, "runtime", "torch"))
 
 
+def active_precision(model: Any, default: str = "fp32") -> str:
+    """The precision a model built by the registry runs at (``default`` for models built another way)."""
+    return str(getattr(model, "precision", default))
+
+
+def precision_label(dual: Any, cross: Any | None, default: str = "fp32") -> str:
+    """What the service reports as its precision: one value when the dual encoder and the reranker (if any)
+    agree, else ``dual:<precision>, reranker:<precision>`` (as :func:`runtime_label`)."""
+    d = active_precision(dual, default)
+    if cross is None or active_precision(cross, default) == d:
+        return d
+    return f"dual:{d}, reranker:{active_precision(cross, default)}"
+
+
 def runtime_label(dual: Any, cross: Any | None) -> str:
     """What the service reports as its runtime: ``torch`` / ``onnx`` when the dual encoder and the reranker
     (if any) agree, else ``dual:<runtime>, reranker:<runtime>``."""
@@ -229,7 +247,10 @@ def runtime_label(dual: Any, cross: Any | None) -> str:
 
 __all__ = [
     "AUTO_MIN_PARAMS",
+    "active_precision",
     "active_runtime",
+    "parameter_count",
+    "precision_label",
     "quantize_torch",
     "resolve_runtime",
     "runtime_label",

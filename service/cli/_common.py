@@ -47,7 +47,10 @@ RuntimeOpt = Annotated[
         help="torch, onnx (ONNX Runtime, CPU) or auto (ONNX Runtime on a CPU for large models, else torch).",
     ),
 ]
-PRECISION_HELP = "fp32, fp16 or bf16 (GPU), int8 (CPU, quantized weights)."
+PRECISION_HELP = (
+    "fp32; fp16 or bf16 (GPU; bf16 also on a CPU with AMX / AVX512-BF16); int8 (CPU, quantized weights); auto "
+    "(bf16 on such a CPU for models of 20 M+ parameters, else fp32)."
+)
 
 
 def check_runtime(runtime: str) -> str:

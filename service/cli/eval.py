@@ -14,7 +14,7 @@ from rich.table import Table
 from alignfuse.data.scenes import caption_matches
 from alignfuse.errors import InvalidInputError, NotFoundError
 from alignfuse.evaluation import DEFAULT_MAX_ALL_PAIRS, MODES, EvalReport, evaluate
-from alignfuse.models.base import FUSIONS, PRECISIONS, default_fusion_for
+from alignfuse.models.base import FUSIONS, PRECISION_CHOICES, default_fusion_for
 from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
 
 from ._common import PRECISION_HELP, check_device, check_runtime
@@ -162,8 +162,10 @@ def eval_command(
         raise InvalidInputError(f"--max-all-pairs must be >= 1, got {max_all_pairs}")
     if fusion is not None and fusion not in FUSIONS:
         raise InvalidInputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISION_CHOICES:
+        raise InvalidInputError(
+            f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}"
+        )
     if not karpathy.is_file():
         raise NotFoundError(f"--karpathy: file not found: {karpathy}")
     if image_root is not None and not image_root.is_dir():
@@ -198,8 +200,8 @@ def eval_command(
         if reranker_spec is not None and any(m != "dual" for m in mode_list):
             cross = create_cross_encoder(reranker_spec, device=dev, precision=precision, runtime=runtime)
         # the stored vectors and image tokens came from torch at the build's precision: another runtime or
-        # int8 is evaluated on its own outputs (the split re-encoded), so its recall is its own
-        own_outputs = runtime != "torch" or precision == "int8"
+        # precision is evaluated on its own outputs (the split re-encoded), so its recall is its own
+        own_outputs = runtime != "torch" or precision != "fp32"
         if own_outputs:
             log.info("--runtime %s --precision %s: re-encoding the split", runtime, precision)
         report = evaluate(

@@ -32,7 +32,7 @@ from alignfuse.errors import (
 from alignfuse.index.manifest import Manifest
 from alignfuse.models.base import CrossEncoder, DualEncoder
 from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
-from alignfuse.models.runtime import runtime_label
+from alignfuse.models.runtime import precision_label, runtime_label
 
 from ..batching import BatchConfig, BatchEvent, DeviceWorker
 from ..metrics import Metrics
@@ -295,7 +295,7 @@ class EngineBase:
             reranker=None if self.cross is None else self.cross.info.spec,
             reranker_id=None if self.cross is None else self.cross.info.id,
             device=self.settings.models.device,
-            precision=self.settings.models.precision,
+            precision=precision_label(self.dual, self.cross, self.settings.models.precision),
             runtime=runtime_label(self.dual, self.cross),
             default_fusion=None if self.cross is None else self.cross.info.default_fusion,
         )

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from alignfuse.models.base import cpu_has_native_bf16
+
 pytest.importorskip("onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = {"torch-fp32", "onnx-fp32", "onnx-int8", "torch-int8"}
+# torch bf16 runs only where the CPU has native bf16; elsewhere the bench lists it as skipped
+VARIANTS = {"torch-fp32", "onnx-fp32", "onnx-int8", "torch-int8"} | (
+    {"torch-bf16"} if cpu_has_native_bf16() else set()
+)
 
 
 @pytest.mark.slow  # ~5 min on the loaded 2-core machine (tiny models, but 20 ONNX exports + imports)
@@ -37,7 +42,8 @@ def test_cpu_bench_quick(tmp_path: Path) -> None:
         assert key in machine
     assert len(machine["loadavg_end"]) == 3
     rates = data["matmul"]["1"]
-    assert rates["fp32_gflops"] > 0 and rates["int8_gops"] > 0
+    assert rates["fp32_gflops"] > 0 and rates["int8_gops"] > 0 and rates["bf16_gflops"] > 0
+    assert set(data["variants_skipped"]) == {"torch-bf16"} - VARIANTS
     (albef,) = data["albef"]
     assert set(albef["variants"]) == VARIANTS
     cs = [str(c) for c in data["settings"]["candidates"]]

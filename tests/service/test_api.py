@@ -319,6 +319,7 @@ def test_ops_endpoints_and_openapi(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "models": None}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["models"]["dual_encoder"] == "alignfuse:random-tiny"
+    assert ready["models"]["precision"] == "fp32"  # settings say "auto": the tiny models run fp32
     client.post("/v1/search", json={"collection": "plain", "text": "metrics please"})
     m = client.get("/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
@@ -357,6 +358,15 @@ def test_ops_endpoints_and_openapi(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "alignfuse" in page.text
     assert client.get("/static/app.js").status_code == 200
+
+
+def test_readyz_reports_the_active_precision_not_the_setting(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    """Models that run fp32 are reported fp32 even when the settings asked for bf16 (which a CPU without native
+    bf16, or a model built elsewhere, does not run)."""
+    ready = client_factory(models={"precision": "bf16"}).get("/readyz").json()
+    assert ready["models"]["precision"] == "fp32" and ready["models"]["runtime"] == "torch"
 
 
 def test_metrics_registry_is_per_app(client_factory: ClientFactory) -> None:
