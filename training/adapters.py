@@ -16,7 +16,7 @@ from torch import nn
 from alignfuse.data.scenes import COLOURS, RELATIONS, SHAPES
 from alignfuse.errors import InvalidInputError, NotFoundError
 from alignfuse.models.albef.model import AlbefModel
-from alignfuse.training.bow import BowTable, bow_labels, bow_size
+from alignfuse.training.bow import BowTable, bow_labels, bow_loss, bow_size
 from alignfuse.training.data import PairData, step_rng
 from alignfuse.training.objectives_albef import (
     AlbefBatch,
@@ -74,15 +74,12 @@ class AlbefArch(ModelAdapter):
         if self._bow is None or self._bow[0] is not data:
             m = self.model
             assert isinstance(m, AlbefForTraining)
-            special = set(m.options.special_ids)
-            v, buckets = m.config.vocab_size, m.options.bow_buckets
             ids, mask = self.tok(data.captions)
-            per_caption = [
-                bow_labels(row[: int(n)].tolist(), special, v, buckets)
-                for row, n in zip(ids, mask.sum(dim=1), strict=True)
-            ]
-            per_image = [set().union(*(per_caption[k] for k in caps)) for caps in data.captions_of]
-            self._bow = (data, BowTable(per_image, bow_size(v, buckets)))
+            rows = [row[: int(n)].tolist() for row, n in zip(ids, mask.sum(dim=1), strict=True)]
+            table = bow_table_of(
+                rows, data, m.options.special_ids, m.config.vocab_size, m.options.bow_buckets
+            )
+            self._bow = (data, table)
         return self._bow[1]
 
     def _tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +199,26 @@ class AlbefArch(ModelAdapter):
         return [path, cfg_path]
 
 
+def bow_table_of(
+    token_rows: Sequence[Sequence[int]], data: PairData, special: Sequence[int], vocab_size: int, buckets: int
+) -> BowTable:
+    """The bag-of-words table of ``data``: per image, the labels of all its captions' token ids
+    (``token_rows[k]``: caption k's ids; special tokens are never labels)."""
+    skip = set(special)
+    per_caption = [bow_labels(row, skip, vocab_size, buckets) for row in token_rows]
+    per_image = [set().union(*(per_caption[k] for k in caps)) for caps in data.captions_of]
+    return BowTable(per_image, bow_size(vocab_size, buckets))
+
+
 class ClipArch(ModelAdapter):
-    """An open_clip CLIP: symmetric contrastive steps (an image's other captions are positives); no ITM head."""
+    """An open_clip CLIP: symmetric contrastive steps (an image's other captions are positives); no ITM head.
+
+    With ``bow_weight > 0`` a training-only linear head (``model.bow_head``, never exported) predicts from the
+    image embedding the words and hashed word pairs of the image's captions (:mod:`alignfuse.training.bow`),
+    as ``--bow`` does for ALBEF."""
+
+    #: open_clip's tokenizer: padding, start and end of text (never labels)
+    CLIP_SPECIAL = (0, 49406, 49407)
 
     def __init__(
         self,
@@ -212,19 +227,38 @@ class ClipArch(ModelAdapter):
         model_cfg: dict[str, Any],
         opts: TrainOptions,
         device: torch.device,
+        bow_weight: float = 0.0,
+        bow_buckets: int = 2048,
     ) -> None:
         self.model = model
         self.tok = tokenizer
         self.model_cfg = model_cfg
         self.opts = opts
         self.device = device
+        self.bow_weight = bow_weight
+        self.bow_buckets = bow_buckets
+        self._bow: tuple[PairData, BowTable] | None = None
+        if bow_weight > 0:
+            vocab = int(model_cfg["text_cfg"].get("vocab_size", 49408))
+            width = int(model_cfg["embed_dim"])
+            model.bow_head = nn.Linear(width, bow_size(vocab, bow_buckets)).to(device)
+
+    def bow_table(self, data: PairData) -> BowTable:
+        """Per image, the bag-of-words labels of all its captions (built once per dataset)."""
+        if self._bow is None or self._bow[0] is not data:
+            ids = self.tok(data.captions)
+            rows = [[int(t) for t in row if int(t) != 0] for row in ids]
+            vocab = int(self.model_cfg["text_cfg"].get("vocab_size", 49408))
+            self._bow = (data, bow_table_of(rows, data, self.CLIP_SPECIAL, vocab, self.bow_buckets))
+        return self._bow[1]
 
     def step_loss(self, data: PairData, images: list[int], step: int, epoch_frac: float) -> dict[str, Any]:
         rng = step_rng(self.opts.seed, step)
         caps = [data.captions_of[i][int(rng.integers(0, len(data.captions_of[i])))] for i in images]
         tokens = self.tok([data.captions[k] for k in caps]).to(self.device)
         m = self.model
-        img = F.normalize(m.encode_image(data.pixels(images).to(self.device)).float(), dim=-1)
+        feats = m.encode_image(data.pixels(images).to(self.device)).float()
+        img = F.normalize(feats, dim=-1)
         txt = F.normalize(m.encode_text(tokens).float(), dim=-1)
         scale = m.logit_scale.exp().clamp(max=100.0)
         logits = scale * img @ txt.T
@@ -233,8 +267,15 @@ class ClipArch(ModelAdapter):
         targets = pos / pos.sum(1, keepdim=True)
         loss_i = -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
         loss_t = -(F.log_softmax(logits.T, dim=1) * targets).sum(1).mean()
-        loss = (loss_i + loss_t) / 2
-        return {"loss": float(loss.detach()), "itc": float(loss.detach()), "_total": loss}
+        itc = (loss_i + loss_t) / 2
+        out: dict[str, Any] = {"itc": float(itc.detach())}
+        loss = itc
+        if self.bow_weight > 0:
+            bow = bow_loss(m.bow_head(feats), self.bow_table(data).targets(images).to(self.device))
+            loss = loss + self.bow_weight * bow
+            out["bow"] = float(bow.detach())
+        out.update(loss=float(loss.detach()), _total=loss)
+        return out
 
     @torch.no_grad()
     def embed(
@@ -256,7 +297,11 @@ class ClipArch(ModelAdapter):
     def save_weights(self, out_dir: Path, name: str) -> list[Path]:
         from safetensors.torch import save_file
 
-        sd = {k: v.detach().float().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        sd = {
+            k: v.detach().float().contiguous().cpu()
+            for k, v in self.model.state_dict().items()
+            if not k.startswith("bow_head.")  # training-only
+        }
         path = out_dir / f"{name}.safetensors"
         save_file(sd, str(path), metadata={"format": "pt", "layout": "open_clip"})
         cfg_path = out_dir / f"{name}.json"
@@ -271,7 +316,7 @@ def build_adapter(model: ModelOptions, opts: TrainOptions, device: torch.device)
     """A freshly initialised model of ``opts.arch`` on ``device``, its adapter, and its image resolution."""
     if opts.arch == "albef":
         return build_albef(model, opts, device)
-    return build_clip(model.config, opts, device)
+    return build_clip(model.config, opts, device, bow_weight=model.bow_weight, bow_buckets=model.bow_buckets)
 
 
 def build_albef(model: ModelOptions, opts: TrainOptions, device: torch.device) -> tuple[AlbefArch, int]:
@@ -304,8 +349,16 @@ def build_albef(model: ModelOptions, opts: TrainOptions, device: torch.device) -
     return AlbefArch(net, tok, opts, device), cfg.image_res
 
 
-def build_clip(model_config: str, opts: TrainOptions, device: torch.device) -> tuple[ClipArch, int]:
-    """An open_clip CLIP from an open_clip model config JSON; returns the adapter and the image resolution."""
+def build_clip(
+    model_config: str,
+    opts: TrainOptions,
+    device: torch.device,
+    *,
+    bow_weight: float = 0.0,
+    bow_buckets: int = 2048,
+) -> tuple[ClipArch, int]:
+    """An open_clip CLIP from an open_clip model config JSON (with the bag-of-words head when ``bow_weight``);
+    returns the adapter and the image resolution."""
     import open_clip
     from open_clip import factory
 
@@ -319,7 +372,8 @@ def build_clip(model_config: str, opts: TrainOptions, device: torch.device) -> t
     factory._MODEL_CONFIGS[arch_name] = cfg
     net = open_clip.create_model(arch_name, pretrained=None, device=device)
     tok = open_clip.get_tokenizer(arch_name)
-    return ClipArch(net, tok, cfg, opts, device), int(cfg["vision_cfg"]["image_size"])
+    arch = ClipArch(net, tok, cfg, opts, device, bow_weight=bow_weight, bow_buckets=bow_buckets)
+    return arch, int(cfg["vision_cfg"]["image_size"])
 
 
 def concept_groups(tok: Any) -> tuple[tuple[int, ...], ...]:

@@ -84,13 +84,13 @@ def train(
     bow: float = typer.Option(
         0.0,
         "--bow",
-        help="ALBEF: weight of the bag-of-words objective (predict from the image the words and word pairs of "
+        help="Weight of the bag-of-words objective, ALBEF and CLIP (predict from the image the words and word pairs of "
         "its captions; 0 = off).",
     ),
     bow_buckets: int = typer.Option(
         2048,
         "--bow-buckets",
-        help="ALBEF: hashed buckets for the word pairs of --bow (0 = single words only).",
+        help="Hashed buckets for the word pairs of --bow (0 = single words only).",
     ),
     time_schedule: bool = typer.Option(False, "--time-schedule", help="Anneal the LR over --max-minutes."),
     mlm_distill: bool = typer.Option(

@@ -123,3 +123,40 @@ def test_it_teaches_the_image_side_what_the_captions_name(vocab: Path, tmp_path:
     Trainer(arch, data, opts, tmp_path / "run").train()
     colour_acc, side_acc = accuracy()
     assert colour_acc > 0.8 and side_acc > 0.8, (colour_acc, side_acc)
+
+
+def test_clip_learns_what_the_captions_name(tmp_path: Path) -> None:
+    """The same objective on an open_clip CLIP (``alignfuse train --arch clip --bow``): a training-only head
+    on the image embedding, whose strongest colour word for held-out images is their block's colour."""
+    import json
+
+    from alignfuse.training.adapters import ClipArch, build_clip
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = tmp_path / "clip.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 16, "patch_size": 8},
+                "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+            }
+        )
+    )
+    data, val = toy_data(320, 3), toy_data(60, 4)
+    opts = TrainOptions(arch="clip", epochs=25, batch_size=16, lr=3e-3, warmup_steps=5, seed=0)
+    arch, _ = build_clip(str(cfg), opts, torch.device("cpu"), bow_weight=1.0, bow_buckets=64)
+    assert isinstance(arch, ClipArch) and arch.bow_table(data).size == 49408 + 64
+    words = {c: int(arch.tok([c])[0, 1]) for c in COLOURS}  # one BPE token per colour word
+    Trainer(arch, data, opts, tmp_path / "run").train()
+    with torch.no_grad():
+        logits = arch.model.bow_head(arch.model.encode_image(val.pixels(range(len(val.captions)))))
+    names = list(COLOURS)
+    pred = logits[:, [words[c] for c in names]].argmax(1)
+    acc = sum(names[int(i)] == cap.split()[1] for i, cap in zip(pred, val.captions, strict=True)) / len(pred)
+    assert acc > 0.8, acc
+    saved = arch.save_weights(tmp_path, "clip")[0]
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("bow_head.") for k in load_file(str(saved)))

@@ -77,15 +77,17 @@ def test_cli_trains_albef_and_clip_on_scenes(tmp_path: Path) -> None:
     )
     res = runner.invoke(
         app,
-        ["train", *common, "--arch", "clip", "--model-config", str(clip_cfg), "--out", str(tmp_path / "c")],
+        ["train", *common, "--arch", "clip", "--model-config", str(clip_cfg), "--out", str(tmp_path / "c")]
+        + ["--bow", "0.5"],
     )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "clip.json").read_text()) == json.loads(clip_cfg.read_text())
     # the exported weights are a complete open_clip state_dict for that config
     factory._MODEL_CONFIGS["test-exported-clip"] = json.loads(clip_cfg.read_text())
     model = open_clip.create_model("test-exported-clip", pretrained=None)
-    model.load_state_dict(load_file(str(tmp_path / "c" / "clip.safetensors")), strict=True)
+    model.load_state_dict(load_file(str(tmp_path / "c" / "clip.safetensors")), strict=True)  # no bow_head
     log = [json.loads(x) for x in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["bow"] for r in log if "bow" in r] and all(r["bow"] > 0 for r in log if "bow" in r)
     val = next(r["val"] for r in log if "val" in r)
     assert val["dual_group_acc_t2i"] is not None and val["rerank_group_acc_t2i"] is None  # CLIP: no ITM
     res = runner.invoke(
