@@ -26,7 +26,7 @@ ResizeMode = Literal["squash", "shortest", "longest"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 
 #: what a caller may ask for: a precision, or ``auto``: bf16 on a CPU with native bf16 for models big enough
-#: that it pays (``models.runtime.AUTO_MIN_PARAMS``), of families that run it there; fp32 everywhere else
+#: that it pays (``models.runtime.AUTO_MIN_PARAMS``) whose adapters run it fast there (ALBEF); fp32 elsewhere
 PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 

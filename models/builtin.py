@@ -154,4 +154,4 @@ def _known() -> list[ModelEntry]:
 
 
 _ = open_clip  # imported for its side effect of being importable before configs are registered
-register_family("alignfuse", dual=_dual, cross=_cross, known=_known, cpu_bf16=True)
+register_family("alignfuse", dual=_dual, cross=_cross, known=_known)

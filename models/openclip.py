@@ -51,6 +51,10 @@ class OpenClipDualEncoder:
     def image_transform(self) -> ImageTransform:
         return self._transform
 
+    #: bf16 autocast on the CPU is measured slower than fp32 for open_clip's towers (ViT-B-32 on an AMX Xeon:
+    #: 7x fewer images/s, 1.4x slower text; docs/benchmarks.md), so the registry runs them fp32 on a CPU
+    cpu_bf16 = False
+
     def _autocast(self) -> Any:
         if self.device.type == "cuda" and self.precision != "fp32":
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -283,4 +287,4 @@ def _known() -> list[ModelEntry]:
     return out
 
 
-register_family("open_clip", dual=_dual, known=_known, cpu_bf16=True)
+register_family("open_clip", dual=_dual, known=_known)

@@ -74,8 +74,6 @@ class _Family:
     dual: DualFactory | None
     cross: CrossFactory | None
     known: Callable[[], list[ModelEntry]] | None
-    #: whether the family runs ``bf16`` on a CPU (as autocast, where the CPU has native bf16)
-    cpu_bf16: bool = False
 
 
 _FAMILIES: dict[str, _Family] = {}
@@ -96,14 +94,11 @@ def register_family(
     dual: DualFactory | None = None,
     cross: CrossFactory | None = None,
     known: Callable[[], list[ModelEntry]] | None = None,
-    cpu_bf16: bool = False,
 ) -> None:
-    """Register the factories of a model family (``open_clip``, ``albef``, ...). ``cpu_bf16``: its models
-    run ``precision="bf16"`` on a CPU with native bf16 (:func:`~alignfuse.models.base.cpu_autocast`); other
-    families run fp32 there."""
+    """Register the factories of a model family (``open_clip``, ``albef``, ...)."""
     if not name.replace("_", "").isalnum():
         raise ValueError(f"bad family name {name!r}")
-    _FAMILIES[name] = _Family(name, dual, cross, known, cpu_bf16)
+    _FAMILIES[name] = _Family(name, dual, cross, known)
 
 
 def _ensure_families() -> None:
@@ -160,46 +155,47 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _check_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> Precision:
-    """The precision a family builds with: int8 builds fp32 (quantized afterwards); on a CPU, bf16 stays bf16
-    for families that autocast it where the CPU has native bf16, anything else runs fp32 (with a warning)."""
+def _check_precision(precision: str, device: torch.device) -> Precision:
+    """The precision a family builds with: ``auto`` and int8 build fp32 (int8 is quantized afterwards); on a CPU
+    every model is built fp32 (bf16 there is autocast over fp32 weights, decided by :func:`_cpu_precision`)."""
     if precision not in PRECISION_CHOICES:
         raise InvalidInputError(f"precision {precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
     if precision == "auto":
-        return "fp32"  # the family builds fp32; _auto_precision may turn on bf16 autocast afterwards
+        return "fp32"
     if precision == "int8":
         if device.type != "cpu":
             raise InvalidInputError(
                 f"precision int8 runs on the CPU only (device {device}); use fp16 or bf16"
             )
         return "fp32"  # the family builds fp32; the runtime layer quantizes (models/runtime)
-    if precision != "fp32" and device.type == "cpu":
-        if precision == "bf16" and cpu_bf16 and cpu_has_native_bf16():
-            return "bf16"  # fp32 weights, bf16 autocast (AMX / AVX512-BF16): see models.base.cpu_autocast
-        log.warning(
-            "precision %s on this CPU runs fp32 (%s)",
-            precision,
-            "fp16 runs on GPUs only"
-            if precision == "fp16"
-            else (
-                "no native bf16: AMX or AVX512-BF16"
-                if cpu_bf16
-                else "this model family runs bf16 on GPUs only"
-            ),
+    if precision == "fp16" and device.type == "cpu":
+        log.warning("precision fp16 runs on GPUs only; running fp32 on the CPU")
+    return "fp32" if device.type == "cpu" else precision  # type: ignore[return-value]
+
+
+def _cpu_precision(model: object, requested: str, built: Precision, device: torch.device) -> Precision:
+    """What a model built on ``device`` runs: on a CPU, ``bf16`` (autocast) where the CPU has native bf16
+    (AMX / AVX512-BF16) and the adapter says bf16 autocast is fast for it (``cpu_bf16 = True``: ALBEF;
+    measured slower for open_clip); ``auto`` picks bf16 there for models of at least ``AUTO_MIN_PARAMS``
+    parameters (the fastest CPU path, 2.2x fp32 for a base ALBEF rerank; it misses the strict parity bounds
+    narrowly, so it is opt-in: docs/benchmarks.md) and fp32 otherwise."""
+    if device.type != "cpu" or requested not in ("bf16", "auto"):
+        return built
+    capable = bool(getattr(model, "cpu_bf16", False))
+    native = cpu_has_native_bf16()
+    if requested == "bf16":
+        if capable and native:
+            return "bf16"
+        why = (
+            "no native bf16: AMX or AVX512-BF16"
+            if capable
+            else "bf16 autocast is slower than fp32 for it there"
         )
-        return "fp32"
-    return precision  # type: ignore[return-value]
-
-
-def _auto_precision(model: object, device: torch.device, cpu_bf16: bool) -> Precision:
-    """``auto``: bf16 (autocast) on a CPU with native bf16 for models of at least ``AUTO_MIN_PARAMS``
-    parameters of families that run it there (measured faster and within the parity bounds:
-    docs/benchmarks.md); fp32 otherwise (small models gain nothing, GPUs keep fp32 unless asked)."""
-    if device.type != "cpu" or not cpu_bf16 or not cpu_has_native_bf16():
+        log.warning("precision bf16 on this CPU runs fp32 (%s)", why)
         return "fp32"
     from alignfuse.models.runtime import AUTO_MIN_PARAMS, parameter_count
 
-    return "bf16" if parameter_count(model) >= AUTO_MIN_PARAMS else "fp32"
+    return "bf16" if capable and native and parameter_count(model) >= AUTO_MIN_PARAMS else "fp32"
 
 
 def _record_active(model: object, precision: str) -> None:
@@ -246,10 +242,11 @@ def create_dual_encoder(
         raise InvalidInputError(f"{ms.raw}: family {fam.name!r} has no dual encoder")
     dev = resolve_device(device)
     rt = _check_runtime(runtime)
-    effective = _check_precision(precision, dev, fam.cpu_bf16)
-    model = fam.dual(ms, dev, effective)
-    if precision == "auto":
-        precision = effective = _auto_precision(model, dev, fam.cpu_bf16)
+    built = _check_precision(precision, dev)
+    model = fam.dual(ms, dev, built)
+    effective = _cpu_precision(model, precision, built, dev)
+    if precision != "int8":
+        precision = effective
     if rt == "torch" and precision != "int8":
         _record_active(model, effective)
         return model
@@ -275,10 +272,11 @@ def create_cross_encoder(
         )
     dev = resolve_device(device)
     rt = _check_runtime(runtime)
-    effective = _check_precision(precision, dev, fam.cpu_bf16)
-    model = fam.cross(ms, dev, effective)
-    if precision == "auto":
-        precision = effective = _auto_precision(model, dev, fam.cpu_bf16)
+    built = _check_precision(precision, dev)
+    model = fam.cross(ms, dev, built)
+    effective = _cpu_precision(model, precision, built, dev)
+    if precision != "int8":
+        precision = effective
     if rt == "torch" and precision != "int8":
         _record_active(model, effective)
         return model

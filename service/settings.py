@@ -33,11 +33,12 @@ class ModelSettings(_Section):
     dual_encoder: str | None = None
     reranker: str | None = None
     device: str = "cpu"
-    precision: PrecisionChoice = "auto"
-    """fp32; fp16/bf16 (GPU; bf16 also on a CPU with native bf16: Intel AMX / AVX512-BF16, as autocast); int8
-    (CPU: dynamically quantized weights); or ``auto``: bf16 on a CPU with native bf16 for models of at least
-    20 M parameters (ALBEF, open_clip; measured faster and within the parity bounds), fp32 everywhere else.
-    The active precision is reported by ``/readyz`` and the web page. ``ALIGNFUSE_MODELS__PRECISION``."""
+    precision: PrecisionChoice = "fp32"
+    """fp32; fp16/bf16 (GPU; bf16 also for ALBEF on a CPU with native bf16: Intel AMX / AVX512-BF16, as
+    autocast); int8 (CPU: dynamically quantized weights); or ``auto``: bf16 on such a CPU for ALBEF models of at
+    least 20 M parameters, fp32 everywhere else. bf16 and int8 stay opt-in: both are faster on CPUs but miss the
+    parity bounds (docs/benchmarks.md). The active precision is reported by ``/readyz`` and the web page.
+    ``ALIGNFUSE_MODELS__PRECISION``."""
     runtime: Runtime = "auto"
     """What executes the models: ``torch``, ``onnx`` (ONNX Runtime, CPU; ALBEF and open_clip) or ``auto``
     (ONNX Runtime on a CPU for models big enough that it is faster, see ``alignfuse.models.runtime``; torch

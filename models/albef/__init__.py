@@ -20,7 +20,7 @@ def register() -> None:
     from alignfuse.models.albef.registration import albef_cross, albef_dual, albef_known
     from alignfuse.models.registry import register_family
 
-    register_family("albef", dual=albef_dual, cross=albef_cross, known=albef_known, cpu_bf16=True)
+    register_family("albef", dual=albef_dual, cross=albef_cross, known=albef_known)
 
 
 register()

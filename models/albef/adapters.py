@@ -155,6 +155,10 @@ def build_albef(
 
 
 class _AlbefBase:
+    #: bf16 autocast on a CPU with native bf16 is measured faster than fp32 for ALBEF (3.4x build, 2.2x rerank
+    #: at C=128 on an AMX Xeon, docs/benchmarks.md); the registry reads this to allow ``bf16``/``auto`` there
+    cpu_bf16 = True
+
     def __init__(self, bundle: AlbefBundle, info: ModelInfo) -> None:
         self.bundle = bundle
         self.model = bundle.model

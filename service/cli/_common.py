@@ -48,8 +48,8 @@ RuntimeOpt = Annotated[
     ),
 ]
 PRECISION_HELP = (
-    "fp32; fp16 or bf16 (GPU; bf16 also on a CPU with AMX / AVX512-BF16); int8 (CPU, quantized weights); auto "
-    "(bf16 on such a CPU for models of 20 M+ parameters, else fp32)."
+    "fp32; fp16 or bf16 (GPU; bf16 also for ALBEF on a CPU with AMX / AVX512-BF16); int8 (CPU, quantized "
+    "weights); auto (bf16 on such a CPU for ALBEF models of 20 M+ parameters, else fp32)."
 )
 
 

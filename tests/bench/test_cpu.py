@@ -57,6 +57,7 @@ def test_cpu_bench_quick(tmp_path: Path) -> None:
     assert flops["rerank_per_pair"] > 0 and flops["build_per_image"] > 0 and flops["text_query"] > 0
     assert set(albef["ceiling_fp32"]["rerank_s"]) == set(cs)
     (clip,) = data["clip"]
-    assert set(clip["variants"]) == VARIANTS
+    assert set(clip["variants"]) == VARIANTS - {"torch-bf16"}  # open_clip runs fp32 on a CPU: not a bf16 row
+    assert set(clip.get("variants_not_run", {})) == VARIANTS & {"torch-bf16"}
     assert clip["variants"]["onnx-fp32"]["text_cosine_vs_torch_fp32_min"] > 0.9999
     assert png.is_file() and png.stat().st_size > 1000

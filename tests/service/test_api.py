@@ -319,7 +319,7 @@ def test_ops_endpoints_and_openapi(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "models": None}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["models"]["dual_encoder"] == "alignfuse:random-tiny"
-    assert ready["models"]["precision"] == "fp32"  # settings say "auto": the tiny models run fp32
+    assert ready["models"]["precision"] == "fp32"
     client.post("/v1/search", json={"collection": "plain", "text": "metrics please"})
     m = client.get("/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
