@@ -244,15 +244,14 @@ def create_dual_encoder(
     rt = _check_runtime(runtime)
     built = _check_precision(precision, dev)
     model = fam.dual(ms, dev, built)
-    effective = _cpu_precision(model, precision, built, dev)
     if precision != "int8":
-        precision = effective
+        precision = _cpu_precision(model, precision, built, dev)
     if rt == "torch" and precision != "int8":
-        _record_active(model, effective)
+        _record_active(model, precision)
         return model
     from alignfuse.models.runtime import wrap_dual
 
-    return wrap_dual(model, rt, "int8" if precision == "int8" else effective, graph_cache_dir)
+    return wrap_dual(model, rt, precision, graph_cache_dir)
 
 
 def create_cross_encoder(
@@ -274,15 +273,14 @@ def create_cross_encoder(
     rt = _check_runtime(runtime)
     built = _check_precision(precision, dev)
     model = fam.cross(ms, dev, built)
-    effective = _cpu_precision(model, precision, built, dev)
     if precision != "int8":
-        precision = effective
+        precision = _cpu_precision(model, precision, built, dev)
     if rt == "torch" and precision != "int8":
-        _record_active(model, effective)
+        _record_active(model, precision)
         return model
     from alignfuse.models.runtime import wrap_cross
 
-    return wrap_cross(model, rt, "int8" if precision == "int8" else effective, graph_cache_dir)
+    return wrap_cross(model, rt, precision, graph_cache_dir)
 
 
 def list_models() -> list[ModelEntry]:

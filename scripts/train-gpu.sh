@@ -46,16 +46,18 @@ cfg["vocab"] = str(Path("models/weights/vocab.txt").resolve())
 Path(sys.argv[1], "albef.json").write_text(json.dumps(cfg, indent=2))
 PYCFG
 
+# the flags both stages share (stage 2 differs in data, learning rate, warm-up, group-mix start, seed, init)
+RECIPE=(--model-config "$OUT/cfg/albef.json" --vocab models/weights/vocab.txt --epochs 200 --batch-size 32
+  --weight-decay 0.02 --momentum 0.99 --queue-size 2048 --itm-balance --mlm --concept-mask 0.5 --no-mlm-distill
+  --perturb-negatives --perturb-count 2 --group-mix 0.25 --mate-mix 0.25 --bow 1.0
+  --max-minutes "$MINUTES" --time-schedule --save-every 200 --eval-images "$EVAL_IMAGES"
+  --device "$DEVICE" --precision "$PRECISION" --threads "$THREADS" --name scenes-albef)
+
 if [ -f "$OUT/stage1/scenes-albef.safetensors" ]; then
   log "stage 1 done before, kept"
 else
   "${AF[@]}" train --arch albef --data "$OUT/data/train/scenes.json" --val "$OUT/data/val/scenes.json" \
-    --model-config "$OUT/cfg/albef.json" --vocab models/weights/vocab.txt \
-    --epochs 200 --batch-size 32 --lr 1e-3 --warmup-steps 200 --weight-decay 0.02 \
-    --momentum 0.99 --queue-size 2048 --itm-balance --mlm --concept-mask 0.5 --no-mlm-distill \
-    --perturb-negatives --perturb-count 2 --group-mix 0.25 --group-mix-after 1 --mate-mix 0.25 --bow 1.0 \
-    --max-minutes "$MINUTES" --time-schedule --save-every 200 --eval-images "$EVAL_IMAGES" --seed 0 \
-    --device "$DEVICE" --precision "$PRECISION" --threads "$THREADS" --out "$OUT/stage1" --name scenes-albef
+    "${RECIPE[@]}" --lr 1e-3 --warmup-steps 200 --group-mix-after 1 --seed 0 --out "$OUT/stage1"
   log "stage 1 finished"
 fi
 
@@ -63,12 +65,8 @@ if [ -f "$OUT/run/scenes-albef.safetensors" ]; then
   log "stage 2 done before, kept"
 else
   "${AF[@]}" train --arch albef --data "$OUT/data/train2/scenes.json" --val "$OUT/data/val/scenes.json" \
-    --model-config "$OUT/cfg/albef.json" --vocab models/weights/vocab.txt --init-from "$OUT/stage1/checkpoint.pth" \
-    --epochs 200 --batch-size 32 --lr 5e-4 --warmup-steps 100 --weight-decay 0.02 \
-    --momentum 0.99 --queue-size 2048 --itm-balance --mlm --concept-mask 0.5 --no-mlm-distill \
-    --perturb-negatives --perturb-count 2 --group-mix 0.25 --group-mix-after 0 --mate-mix 0.25 --bow 1.0 \
-    --max-minutes "$MINUTES" --time-schedule --save-every 200 --eval-images "$EVAL_IMAGES" --seed 1 \
-    --device "$DEVICE" --precision "$PRECISION" --threads "$THREADS" --out "$OUT/run" --name scenes-albef
+    "${RECIPE[@]}" --lr 5e-4 --warmup-steps 100 --group-mix-after 0 --seed 1 --out "$OUT/run" \
+    --init-from "$OUT/stage1/checkpoint.pth"
   log "stage 2 finished"
 fi
 

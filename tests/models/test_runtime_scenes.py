@@ -70,12 +70,17 @@ def measured(splits: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+def _assert_within(measured: dict[str, dict[str, dict]], variant: str, points: float) -> None:
+    """Every R@1 of ``variant`` within ``points`` of torch fp32's, on every split."""
+    for split, r in measured.items():
+        for key, value in r["torch"].items():
+            assert abs(r[variant][key] - value) <= points + 1e-9, (split, key, r[variant][key], value)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_scenes_r1_onnx_fp32_matches_torch(measured: dict[str, dict[str, dict]]) -> None:
-    for split, r in measured.items():
-        for key, value in r["torch"].items():
-            assert abs(r["onnx32"][key] - value) <= 0.5 + 1e-9, (split, key, r["onnx32"][key], value)
+    _assert_within(measured, "onnx32", 0.5)
 
 
 @pytest.mark.slow
@@ -88,9 +93,7 @@ def test_scenes_r1_onnx_fp32_matches_torch(measured: dict[str, dict[str, dict]])
     "AVX2-only EPYC. int8 stays opt-in; docs/benchmarks.md",
 )
 def test_scenes_r1_onnx_int8_within_half_a_point(measured: dict[str, dict[str, dict]]) -> None:
-    for split, r in measured.items():
-        for key, value in r["torch"].items():
-            assert abs(r["onnx8"][key] - value) <= 0.5 + 1e-9, (split, key, r["onnx8"][key], value)
+    _assert_within(measured, "onnx8", 0.5)
 
 
 @pytest.mark.slow
@@ -103,9 +106,7 @@ def test_scenes_r1_onnx_int8_within_half_a_point(measured: dict[str, dict[str, d
     "bf16 stays opt-in; docs/benchmarks.md",
 )
 def test_scenes_r1_torch_bf16_within_half_a_point(measured: dict[str, dict[str, dict]]) -> None:
-    for split, r in measured.items():
-        for key, value in r["torch"].items():
-            assert abs(r["bf16"][key] - value) <= 0.5 + 1e-9, (split, key, r["bf16"][key], value)
+    _assert_within(measured, "bf16", 0.5)
 
 
 @pytest.mark.slow
@@ -113,6 +114,4 @@ def test_scenes_r1_torch_bf16_within_half_a_point(measured: dict[str, dict[str, 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16)")
 def test_scenes_r1_torch_bf16_within_two_points(measured: dict[str, dict[str, dict]]) -> None:
     """bf16 is never far off on the shipped model: at most 4 of the 200 images move, in any R@1."""
-    for split, r in measured.items():
-        for key, value in r["torch"].items():
-            assert abs(r["bf16"][key] - value) <= 2.0 + 1e-9, (split, key, r["bf16"][key], value)
+    _assert_within(measured, "bf16", 2.0)
