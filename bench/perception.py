@@ -178,7 +178,8 @@ def run_pipeline(
 
     dual = create_dual_encoder(dual_spec)
     cross = create_cross_encoder(cross_spec)
-    root = data / f"collections-{name}-seed{args.seed}-n{args.count}"
+    split = "" if args.split == "test" else f"-{args.split}"
+    root = data / f"collections-{name}{split}-seed{args.seed}-n{args.count}"
     t0 = time.perf_counter()
     build = build_collection(
         root / "gallery",
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=1000, help="Gallery size (held-out test scenes).")
     ap.add_argument("--seed", type=int, default=3, help="Scene seed (3: the demo's and the model cards').")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="Gallery split: test (held-out, the demo's) or val (to choose weights on).")  # fmt: skip
     ap.add_argument("--k", type=int, default=5, help="Precision at k.")
     ap.add_argument("--candidates", type=lambda s: [int(x) for x in s.split(",")], default=[16, 128],
                     help="Rerank candidates, comma-separated (first one also k_test of --protocol).")  # fmt: skip
@@ -326,13 +329,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else {p: PIPELINES[p] for p in args.pipelines.split(",") if p}
     )
     env = environment()
-    scenes_dir = args.data / f"scenes-test-seed{args.seed}-n{args.count}"
+    scenes_dir = args.data / f"scenes-{args.split}-seed{args.seed}-n{args.count}"
     karpathy = scenes_dir / "scenes.json"
     if not karpathy.is_file():
-        generate_scenes(scenes_dir, seed=args.seed, count=args.count, split="test")
+        generate_scenes(scenes_dir, seed=args.seed, count=args.count, split=args.split)
     result: dict[str, Any] = {
         "bench": "perception",
-        "gallery": {"split": "test", "seed": args.seed, "count": args.count},
+        "gallery": {"split": args.split, "seed": args.seed, "count": args.count},
         "k": args.k,
         "target_precision": TARGET,
         "min_count": args.min_count,

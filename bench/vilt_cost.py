@@ -179,7 +179,11 @@ def main() -> None:
             c = args.tiny_candidates if size == "tiny" else args.candidates
             side = 64 if size == "tiny" else 384
             vilt = create_cross_encoder(f"vilt:{save_vilt(size, Path(tmp) / size)}")
-            rows += [dict(r, size=size) for r in measure("vilt", vilt, c, args.repeats, side)]
+            # the random-init ViLT lives in a temporary directory: record what it is, not where it was
+            rows += [
+                dict(r, size=size, spec=f"vilt:<random-init {size}, saved to a temporary directory>")
+                for r in measure("vilt", vilt, c, args.repeats, side)
+            ]
             del vilt
             albef = albef_cross(size)
             rows += [dict(r, size=size) for r in measure("albef", albef, c, args.repeats, side)]

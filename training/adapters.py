@@ -17,6 +17,7 @@ from alignfuse.data.scenes import COLOURS, RELATIONS, SHAPES
 from alignfuse.errors import InvalidInputError, NotFoundError
 from alignfuse.models.albef.model import AlbefModel
 from alignfuse.training.bow import BowTable, bow_labels, bow_loss, bow_size
+from alignfuse.training.contrastive import soft_cross_entropy
 from alignfuse.training.data import PairData, step_rng
 from alignfuse.training.objectives_albef import (
     AlbefBatch,
@@ -119,6 +120,14 @@ class AlbefArch(ModelAdapter):
                 batch.aux_label = torch.tensor(label, dtype=torch.long)
         if isinstance(self.model, AlbefForTraining) and self.model.options.bow_weight > 0:
             batch.bow = self.bow_table(data).targets(images)
+        if (
+            isinstance(self.model, AlbefForTraining)
+            and self.model.options.object_itc_weight > 0
+            and data.object_claim is not None
+        ):
+            claims = [data.object_claim(i, rng) for i in images]
+            batch.obj_ids, batch.obj_mask = self._tokens([t for t, _ in claims])
+            batch.obj_truth = torch.stack([truth for _, truth in claims], dim=1)
         if data.matches is not None:
             m = torch.zeros(len(images), len(images), dtype=torch.bool)
             for a, t in enumerate(texts):
@@ -215,7 +224,9 @@ class ClipArch(ModelAdapter):
 
     With ``bow_weight > 0`` a training-only linear head (``model.bow_head``, never exported) predicts from the
     image embedding the words and hashed word pairs of the image's captions (:mod:`alignfuse.training.bow`),
-    as ``--bow`` does for ALBEF."""
+    as ``--bow`` does for ALBEF. With ``object_itc > 0`` (and scenes data with ``object_claim``) a second
+    contrastive loss pairs each image with a short caption naming one of its objects, every batch image the
+    caption is true of a positive (ALBEF's object ITC without the queue)."""
 
     #: open_clip's tokenizer: padding, start and end of text (never labels)
     CLIP_SPECIAL = (0, 49406, 49407)
@@ -229,8 +240,12 @@ class ClipArch(ModelAdapter):
         device: torch.device,
         bow_weight: float = 0.0,
         bow_buckets: int = 2048,
+        object_itc: float = 0.0,
     ) -> None:
+        if object_itc < 0:
+            raise InvalidInputError("object_itc must be >= 0")
         self.model = model
+        self.object_itc = object_itc
         self.tok = tokenizer
         self.model_cfg = model_cfg
         self.opts = opts
@@ -274,6 +289,16 @@ class ClipArch(ModelAdapter):
             bow = bow_loss(m.bow_head(feats), self.bow_table(data).targets(images).to(self.device))
             loss = loss + self.bow_weight * bow
             out["bow"] = float(bow.detach())
+        if self.object_itc > 0 and data.object_claim is not None:
+            claims = [data.object_claim(i, rng) for i in images]
+            otxt = F.normalize(
+                m.encode_text(self.tok([t for t, _ in claims]).to(self.device)).float(), dim=-1
+            )
+            truth = torch.stack([t for _, t in claims], dim=1)[idx.cpu()].to(self.device)  # [image, caption]
+            ologits = scale * img @ otxt.T
+            obj = (soft_cross_entropy(ologits, truth) + soft_cross_entropy(ologits.T, truth.T)) / 2
+            loss = loss + self.object_itc * obj
+            out["obj_itc"] = float(obj.detach())
         out.update(loss=float(loss.detach()), _total=loss)
         return out
 
@@ -316,7 +341,14 @@ def build_adapter(model: ModelOptions, opts: TrainOptions, device: torch.device)
     """A freshly initialised model of ``opts.arch`` on ``device``, its adapter, and its image resolution."""
     if opts.arch == "albef":
         return build_albef(model, opts, device)
-    return build_clip(model.config, opts, device, bow_weight=model.bow_weight, bow_buckets=model.bow_buckets)
+    return build_clip(
+        model.config,
+        opts,
+        device,
+        bow_weight=model.bow_weight,
+        bow_buckets=model.bow_buckets,
+        object_itc=model.object_itc,
+    )
 
 
 def build_albef(model: ModelOptions, opts: TrainOptions, device: torch.device) -> tuple[AlbefArch, int]:
@@ -344,6 +376,7 @@ def build_albef(model: ModelOptions, opts: TrainOptions, device: torch.device) -
         special_ids=(tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id),
         bow_weight=model.bow_weight,
         bow_buckets=model.bow_buckets,
+        object_itc_weight=model.object_itc,
     )
     net = AlbefForTraining(cfg, topts).to(device)
     return AlbefArch(net, tok, opts, device), cfg.image_res
@@ -356,9 +389,10 @@ def build_clip(
     *,
     bow_weight: float = 0.0,
     bow_buckets: int = 2048,
+    object_itc: float = 0.0,
 ) -> tuple[ClipArch, int]:
-    """An open_clip CLIP from an open_clip model config JSON (with the bag-of-words head when ``bow_weight``);
-    returns the adapter and the image resolution."""
+    """An open_clip CLIP from an open_clip model config JSON (with the bag-of-words head when ``bow_weight``,
+    the object ITC when ``object_itc``); returns the adapter and the image resolution."""
     import open_clip
     from open_clip import factory
 
@@ -372,7 +406,9 @@ def build_clip(
     factory._MODEL_CONFIGS[arch_name] = cfg
     net = open_clip.create_model(arch_name, pretrained=None, device=device)
     tok = open_clip.get_tokenizer(arch_name)
-    arch = ClipArch(net, tok, cfg, opts, device, bow_weight=bow_weight, bow_buckets=bow_buckets)
+    arch = ClipArch(
+        net, tok, cfg, opts, device, bow_weight=bow_weight, bow_buckets=bow_buckets, object_itc=object_itc
+    )
     return arch, int(cfg["vision_cfg"]["image_size"])
 
 

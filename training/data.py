@@ -3,7 +3,8 @@
 
 When every entry of the JSON lists its drawn ``objects`` (the built-in synthetic scenes), the data also gets the
 scenes' caption functions (:func:`attach_scene_functions`): ``matches`` (is a caption true of an image),
-``perturb`` (a provably false caption, an ITM hard negative) and ``attribute`` (a caption naming one attribute).
+``perturb`` (a provably false caption, an ITM hard negative), ``attribute`` (a caption naming one attribute) and
+``object_claim`` (a caption naming one drawn object, with its truth over all images).
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ import torch
 from PIL import Image
 
 from alignfuse.data.karpathy import read_karpathy
-from alignfuse.data.scenes import SceneObject, attribute_caption, claim_holds, parse_caption, perturb_caption
+from alignfuse.data.scenes import (
+    COLOURS,
+    SHAPES,
+    SceneObject,
+    attribute_caption,
+    claim_holds,
+    object_caption,
+    parse_caption,
+    perturb_caption,
+)
 from alignfuse.errors import InvalidInputError
 from alignfuse.models.base import CLIP_MEAN, CLIP_STD
 from alignfuse.training.options import TrainOptions
@@ -47,6 +57,9 @@ class PairData:
     #: ``attribute(image, true, rng)``: a caption naming one attribute alone that is ``true`` or false of the
     #: image (extra ITM pairs that ground colours and shapes separately), or None
     attribute: Callable[[int, bool, np.random.Generator], str | None] | None = None
+    #: ``object_claim(image, rng)``: a short caption naming one of the image's objects ("a red circle", "a
+    #: circle", "a red shape") and its truth over *every* image of the data (bool [N]), for the object ITC
+    object_claim: Callable[[int, np.random.Generator], tuple[str, torch.Tensor]] | None = None
     captions_of: list[list[int]] = field(default_factory=list)
     #: ``mates[i]``: images holding the same set of colours as image i but another set of shapes (only shapes
     #: tell them apart: in random batches that is ~2% of the pairs, so ITC never needs to read shape)
@@ -165,7 +178,8 @@ def colour_mates(scene_objs: Sequence[Sequence[SceneObject]]) -> list[list[int]]
 
 
 def attach_scene_functions(data: PairData, objects: Sequence[Sequence[dict[str, Any]]]) -> None:
-    """Give ``data`` the scenes' ``matches``, ``perturb`` and ``attribute`` from each image's drawn objects."""
+    """Give ``data`` the scenes' ``matches``, ``perturb``, ``attribute`` and ``object_claim`` from each image's
+    drawn objects."""
     scene_objs = [[SceneObject(**o) for o in objs] for objs in objects]
     # (colour, shape) pairs the training images contain; perturbed negatives never mention any other pair
     seen_pairs = frozenset((o.colour, o.shape) for objs in scene_objs for o in objs)
@@ -182,7 +196,27 @@ def attach_scene_functions(data: PairData, objects: Sequence[Sequence[dict[str, 
     def attribute(image: int, true: bool, rng: np.random.Generator) -> str | None:
         return attribute_caption(scene_objs[image], rng, true=true)
 
+    # per image: which colour-shape pairs / colours / shapes it holds (columns of object_claim's truth)
+    cix = {c: k for k, c in enumerate(COLOURS)}
+    six = {sh: k for k, sh in enumerate(SHAPES)}
+    pair_table = torch.zeros(len(COLOURS), len(SHAPES), len(scene_objs), dtype=torch.bool)
+    for i, objs in enumerate(scene_objs):
+        for o in objs:
+            pair_table[cix[o.colour], six[o.shape], i] = True
+    colour_table = pair_table.any(dim=1)
+    shape_table = pair_table.any(dim=0)
+
+    def object_claim(image: int, rng: np.random.Generator) -> tuple[str, torch.Tensor]:
+        text, colour, shape = object_caption(scene_objs[image], rng)
+        if colour is not None and shape is not None:
+            return text, pair_table[cix[colour], six[shape]]
+        if shape is not None:
+            return text, shape_table[six[shape]]
+        assert colour is not None
+        return text, colour_table[cix[colour]]
+
     data.mates = colour_mates(scene_objs)
+    data.object_claim = object_claim
 
     data.matches = matches
     data.perturb = perturb

@@ -144,6 +144,11 @@ class Trainer:
             raise CheckpointError(
                 f"{p} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        idx_queue = getattr(self.arch.model, "idx_queue", None)
+        if isinstance(idx_queue, torch.Tensor):
+            # the queue's image ids index the *previous* stage's data: keep its features as negatives, but
+            # never read them as the ids of this stage's images (ITC positives, object-claim truth)
+            idx_queue.fill_(-100)
         log.info("initialised the model from %s (step %s)", p, blob.get("step"))
 
     def load_checkpoint(self, path: str | Path) -> None:

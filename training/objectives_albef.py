@@ -2,7 +2,7 @@
 hard negatives sampled from the ITC similarities (plus optional caption-perturbation negatives); MLM on the
 fused text (15%, 80/10/10, ALBEF's second forward pass on the masked caption).
 
-(Just over 450 lines on purpose: the three objectives — and the optional bag of words — share the momentum model,
+(Over 450 lines on purpose: the three objectives — and the optional bag of words and object ITC — share the momentum model,
 the queues and one forward pass (MLM's second pass reads the same image states, ITM's negatives come from ITC's
 similarities), and read best side by side with ALBEF's own ``model_retrieval.py``.)
 
@@ -34,6 +34,7 @@ from alignfuse.models.albef.bert import KV, AlbefBert, BertMLMHead
 from alignfuse.models.albef.config import AlbefConfig
 from alignfuse.models.albef.model import AlbefModel, build_visual_encoder, pool_image
 from alignfuse.training.bow import bow_loss, bow_size
+from alignfuse.training.contrastive import soft_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class AlbefTrainingOptions:
     #: bag-of-words objective (:mod:`alignfuse.training.bow`): weight (0 = off, no head) and hashed pair buckets
     bow_weight: float = 0.0
     bow_buckets: int = 2048
+    #: object ITC: weight of a second contrastive loss between the images and short captions naming one of
+    #: their objects ("a red circle"), whose truth over every image is known (0 = off)
+    object_itc_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -75,8 +79,8 @@ class AlbefTrainingOptions:
             raise InvalidInputError("momentum must lie in [0, 1)")
         if not 0.0 <= self.mlm_probability <= 1.0 or not 0.0 <= self.concept_mask_prob <= 1.0:
             raise InvalidInputError("probabilities must lie in [0, 1]")
-        if self.bow_weight < 0 or self.bow_buckets < 0:
-            raise InvalidInputError("bow_weight and bow_buckets must be >= 0")
+        if self.bow_weight < 0 or self.bow_buckets < 0 or self.object_itc_weight < 0:
+            raise InvalidInputError("bow_weight, bow_buckets and object_itc_weight must be >= 0")
 
 
 @dataclass
@@ -105,6 +109,11 @@ class AlbefBatch:
     aux_label: torch.Tensor | None = None
     #: bag-of-words targets [B, labels] (multi-hot over the words and word pairs of the image's captions)
     bow: torch.Tensor | None = None
+    #: object ITC: per batch image a short caption naming one of its objects (``obj_ids``/``obj_mask``, B rows)
+    #: and ``obj_truth`` [N, B] bool, caption j's truth over all N images of the data (rows indexed by ``idx``)
+    obj_ids: torch.Tensor | None = None
+    obj_mask: torch.Tensor | None = None
+    obj_truth: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> AlbefBatch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -124,6 +133,9 @@ class AlbefBatch:
             mv(self.aux_owner),
             mv(self.aux_label),
             mv(self.bow),
+            mv(self.obj_ids),
+            mv(self.obj_mask),
+            mv(self.obj_truth),
         )
 
 
@@ -141,6 +153,7 @@ class AlbefLosses:
     itm_pert_acc: float  # caption-perturbation negatives predicted "no match" (nan when none)
     itm_aux_acc: float = math.nan  # labelled extra pairs (attribute captions) predicted right
     bow: float = math.nan  # bag-of-words loss (nan when off)
+    obj_itc: float = math.nan  # object ITC loss (nan when off)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -154,6 +167,7 @@ class AlbefLosses:
             "itm_pert_acc": self.itm_pert_acc,
             "itm_aux_acc": self.itm_aux_acc,
             "bow": self.bow,
+            "obj_itc": self.obj_itc,
         }
 
 
@@ -353,6 +367,7 @@ class AlbefForTraining(AlbefModel):
         loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * i2t_targets, dim=1).mean()
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * t2i_targets, dim=1).mean()
         loss_itc = (loss_i2t + loss_t2i) / 2
+        loss_obj = self._object_itc(image_feat, batch) if opts.object_itc_weight > 0 else None
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, batch.idx)
 
         # ---------------- ITM with hard negatives sampled from the in-batch ITC similarities
@@ -450,9 +465,33 @@ class AlbefForTraining(AlbefModel):
             loss_bow = bow_loss(self.bow_head(pool_image(image_tokens, self.config.image_pool)), batch.bow)
             total = total + opts.bow_weight * loss_bow
             bow = float(loss_bow.detach())
+        obj = math.nan
+        if loss_obj is not None:
+            total = total + opts.object_itc_weight * loss_obj
+            obj = float(loss_obj.detach())
         return AlbefLosses(
-            total, loss_itc, loss_itm, loss_mlm, itm_acc, pos_acc, neg_acc, pert_acc, aux_acc, bow
+            total, loss_itc, loss_itm, loss_mlm, itm_acc, pos_acc, neg_acc, pert_acc, aux_acc, bow, obj
         )
+
+    def _object_itc(self, image_feat: torch.Tensor, batch: AlbefBatch) -> torch.Tensor | None:
+        """Contrastive loss between the images and short captions naming one of their objects, with every
+        image of which a caption is true as a positive: text -> image over the batch and the image queue
+        (whose ids say which data image each queued feature is), image -> text over the batch's captions."""
+        if batch.obj_ids is None or batch.obj_mask is None or batch.obj_truth is None:
+            return None
+        truth = batch.obj_truth.bool()  # [N, B]
+        n = truth.shape[0]
+        obj_feat = self.text_embed(self.text_states(batch.obj_ids, batch.obj_mask))  # [B, E]
+        in_batch = truth[batch.idx]  # [B images, B captions]
+        q = self.idx_queue[0]
+        known = (q >= 0) & (q < n)
+        in_queue = truth[q.clamp(0, n - 1)] & known[:, None]  # [Q, B captions]
+        columns = torch.cat([image_feat, self.image_queue.T.detach().to(image_feat.dtype)])
+        t2i = obj_feat @ columns.T / self.temp  # [B captions, B + Q]
+        i2t = image_feat @ obj_feat.T / self.temp  # [B images, B captions]
+        return (
+            soft_cross_entropy(t2i, torch.cat([in_batch, in_queue]).T) + soft_cross_entropy(i2t, in_batch)
+        ) / 2
 
 
 def _rows_with_mass(w: torch.Tensor) -> torch.Tensor:

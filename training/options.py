@@ -89,6 +89,8 @@ class ModelOptions:
     #: bag-of-words objective (:mod:`alignfuse.training.bow`): its weight (0 = off) and hashed word-pair buckets
     bow_weight: float = 0.0
     bow_buckets: int = 2048
+    #: ALBEF: weight of the object ITC (short captions naming one object, every true image a positive; 0 = off)
+    object_itc: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ importable from this package.
 
 from .captions import PROBE_KINDS, Claim, Mention, caption_scene, fix_articles, parse_caption, probe_queries
 from .generate import GENERATOR_VERSION, generate_scenes, sample_scenes
-from .negatives import attribute_caption, perturb_caption
+from .negatives import attribute_caption, object_caption, perturb_caption
 from .render import render_scene
 from .truth import caption_matches, claim_holds, shows
 from .world import (
@@ -66,6 +66,7 @@ __all__ = [
     "claim_holds",
     "fix_articles",
     "generate_scenes",
+    "object_caption",
     "parse_caption",
     "perturb_caption",
     "probe_queries",

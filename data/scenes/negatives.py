@@ -136,3 +136,28 @@ def attribute_caption(
             word = pool[int(rng.integers(0, len(pool)))]
             return fix_articles(forms[int(rng.integers(0, len(forms)))].format(word))
     return None
+
+
+_OBJECT_FORMS: tuple[str, ...] = ("a {} {}", "there is a {} {}", "a picture of a {} {}")
+
+
+def object_caption(
+    objects: Sequence[SceneObject | dict], rng: np.random.Generator, *, pair_share: float = 0.7
+) -> tuple[str, str | None, str | None]:
+    """A short caption naming one drawn object, as people type queries: its colour and shape ("a red
+    circle", with probability ``pair_share``), else its shape alone ("a circle") or its colour alone ("a red
+    shape"), half each. Returns (caption, colour or None, shape or None): the caption is true of every scene
+    holding an object with the named colour and shape (any count)."""
+    objs = [o if isinstance(o, SceneObject) else SceneObject(**o) for o in objects]
+    if not objs:
+        raise ValueError("a scene without objects has no object caption")
+    o = objs[int(rng.integers(0, len(objs)))]
+    r = float(rng.random())
+    if r < pair_share:
+        form = _OBJECT_FORMS[int(rng.integers(0, len(_OBJECT_FORMS)))]
+        return fix_articles(form.format(o.colour, o.shape)), o.colour, o.shape
+    if r < pair_share + (1.0 - pair_share) / 2:
+        form = _ATTR_SHAPE_FORMS[int(rng.integers(0, len(_ATTR_SHAPE_FORMS)))]
+        return fix_articles(form.format(o.shape)), None, o.shape
+    form = _ATTR_COLOUR_FORMS[int(rng.integers(0, len(_ATTR_COLOUR_FORMS)))]
+    return fix_articles(form.format(o.colour)), o.colour, None

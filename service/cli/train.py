@@ -92,6 +92,13 @@ def train(
         "--bow-buckets",
         help="Hashed buckets for the word pairs of --bow (0 = single words only).",
     ),
+    object_itc: float = typer.Option(
+        0.0,
+        "--object-itc",
+        help="Weight of the object ITC, ALBEF and CLIP: a contrastive loss between images and short captions naming one "
+        "of their objects ('a red circle', 'a circle'), every image the caption is true of a positive "
+        "(synthetic scenes; 0 = off).",
+    ),
     time_schedule: bool = typer.Option(False, "--time-schedule", help="Anneal the LR over --max-minutes."),
     mlm_distill: bool = typer.Option(
         True, "--mlm-distill/--no-mlm-distill", help="ALBEF: distil MLM from the momentum model."
@@ -108,6 +115,8 @@ def train(
 
     if arch not in ("albef", "clip"):
         raise InvalidInputError("--arch must be albef or clip")
+    if object_itc < 0:
+        raise InvalidInputError("--object-itc must be >= 0")
     run = TrainRun(
         data=data,
         out=out,
@@ -129,6 +138,7 @@ def train(
             itm_balance=itm_balance,
             bow_weight=bow,
             bow_buckets=bow_buckets,
+            object_itc=object_itc,
         ),
         train=TrainOptions(
             arch=cast(Arch, arch),
