@@ -87,8 +87,9 @@ bench-peers: install
 bench-gpu:
 	bash scripts/bench-gpu.sh $(BENCH_GPU_ARGS)
 
-# The shipped scenes-ALBEF recipe (run L) on one GPU (~10 min): data, one from-scratch stage, comparison with the shipped weights on
-# the validation splits (scripts/train-gpu.sh; OUT=runs/gpu, MINUTES=10). TOY=1 DEVICE=cpu runs it in seconds.
+# The shipped scenes-ALBEF recipe (runs L + M + N) on one GPU (~10 min): data, three stages of MINUTES each (default 3),
+# comparison with the shipped weights on the validation splits (scripts/train-gpu.sh; OUT=runs/gpu). TOY=1 DEVICE=cpu
+# runs it in seconds.
 train-gpu: install
 	PYTHON=$(abspath $(BIN)/python) bash scripts/train-gpu.sh
 

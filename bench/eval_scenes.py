@@ -289,6 +289,9 @@ def card_metrics(data: Path) -> dict:
             truth=caption_matches,
         )
         out[spec] = {"model_id": dual.info.id, **{m: rep.to_json()[m] for m in ("dual", "rerank")}}
+    from perception import card_perception
+
+    out["perception"] = card_perception(data / "card-perception")
     return out
 
 

@@ -357,6 +357,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+# The perception figures the model cards quote, on a small gallery (recomputed by tests/test_shipped_models.py).
+CARD_GALLERY: dict[str, Any] = {"split": "test", "seed": 3, "count": 300, "candidates": 16}
+
+
+def card_perception(data: Path) -> dict[str, Any]:
+    """P@5 dual / rerank of both demo pipelines on the first ``CARD_GALLERY['count']`` held-out scenes, for
+    "a {colour} {shape}" (every pair present) and "a {shape}": the path and scoring of :func:`main`."""
+    sub = CARD_GALLERY
+    res = main(
+        [
+            "--count", str(sub["count"]), "--seed", str(sub["seed"]), "--split", sub["split"],
+            "--candidates", str(sub["candidates"]), "--no-protocol", "--data", str(data),
+            "--out", str(data / "card_perception.json"),
+        ]
+    )  # fmt: skip
+    out: dict[str, Any] = {"gallery": sub}
+    for name, pipe in res["pipelines"].items():
+        summary = pipe["by_candidates"][str(sub["candidates"])]["summary"]
+        out[name] = {
+            "dual_id": pipe["dual_id"],
+            **{
+                f"{kind}_p5_{side}": summary[f"{kind}_min1"][f"{side}_p"]
+                for kind in ("colour_shape", "shape")
+                for side in ("dual", "rerank")
+            },
+        }
+    return out
+
+
 def report(result: dict[str, Any]) -> str:
     """A markdown table of the summaries (mean precision@k dual / rerank, colour and shape shares)."""
     lines = [

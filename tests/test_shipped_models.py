@@ -35,6 +35,14 @@ def test_shipped_models_reproduce_their_card(tmp_path: Path) -> None:
                     mode,
                     key,
                 )
+    # the perception figures ("a red circle" finds red circles), per pipeline, through the search engine
+    assert got["perception"]["gallery"] == expected["perception"]["gallery"]
+    for pipe in ("albef", "clip"):
+        want, have = expected["perception"][pipe], got["perception"][pipe]
+        assert have["dual_id"] == want["dual_id"]
+        for key, value in want.items():
+            if key.endswith(("_dual", "_rerank")):
+                assert have[key] == pytest.approx(value, abs=0.03), (pipe, key)
 
 
 def test_shipped_weights_load_and_fit_the_size_budget() -> None:

@@ -69,8 +69,11 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     score = {
-        f: sum(r["rerank_tr_r1"] + r["rerank_ir_r1"] for r in rows if r["fusion"] == f)
-        / (2 * len(args.splits))
+        f: round(
+            sum(r["rerank_tr_r1"] + r["rerank_ir_r1"] for r in rows if r["fusion"] == f)
+            / (2 * len(args.splits)),
+            2,
+        )
         for f in FUSIONS
     }
     choice = max(FUSIONS, key=lambda f: (score[f], f == "itm"))  # ties: ALBEF's own

@@ -1,5 +1,6 @@
-"""``make train-gpu`` (scripts/train-gpu.sh) end to end at toy size on the CPU: the shipped recipe (runs L + M:
-hybrid stem, max-pooled ITC, bag of words; stage 2 from stage 1's weights on fresh scenes) trains, exports the
+"""``make train-gpu`` (scripts/train-gpu.sh) end to end at toy size on the CPU: the shipped recipe (runs L + M + N:
+hybrid stem, max-pooled ITC, bag of words; stages 2 and 3 from the previous stage's weights on fresh scenes, stage
+3 with the object ITC) trains, exports the
 shipped architecture, and ends with the comparison against the shipped weights on the validation splits. The GPU
 run differs only in --device/--precision."""
 
@@ -47,12 +48,20 @@ def test_train_gpu_script_runs_the_shipped_recipe_at_toy_size(tmp_path: Path) ->
     sd = load_file(str(out / "run" / "scenes-albef.safetensors"))
     assert any(k.startswith("visual_encoder.patch_embed.proj.net.") for k in sd)
     assert not any(k.startswith("bow_head.") for k in sd)
-    for stage in ("stage1", "run"):
-        log = [json.loads(x) for x in (out / stage / "train_log.jsonl").read_text().splitlines()]
-        assert any(r.get("bow", 0) > 0 for r in log), stage  # the bag-of-words objective ran
-    assert "initialised the model from" in proc.stderr + proc.stdout  # stage 2 starts from stage 1
-    first, second = (json.loads((out / "data" / d / "scenes.json").read_text()) for d in ("train", "train2"))
+    logs = {}
+    for stage in ("stage1", "stage2", "run"):
+        logs[stage] = [json.loads(x) for x in (out / stage / "train_log.jsonl").read_text().splitlines()]
+        assert any(r.get("bow", 0) > 0 for r in logs[stage]), stage  # the bag-of-words objective ran
+    # the object ITC runs in stage 3 only
+    assert any(r.get("obj_itc", 0) > 0 for r in logs["run"])
+    assert not any(r.get("obj_itc", 0) > 0 for r in logs["stage1"] + logs["stage2"])
+    # stages 2 and 3 start from the stage before
+    assert (proc.stderr + proc.stdout).count("initialised the model from") == 2
+    first, second, third = (
+        json.loads((out / "data" / d / "scenes.json").read_text()) for d in ("train", "train2", "train3")
+    )
     assert len(second) > len(first) and first[0]["caption"] != second[0]["caption"]  # fresh, more scenes
+    assert second[0]["caption"] != third[0]["caption"]
     # the comparison printed one mean-R@1 line for the shipped and one for the new weights
     assert proc.stdout.count("mean_rerank_r1") == 2, proc.stdout[-2000:]
     # a second run keeps every finished stage (resumable)
@@ -64,4 +73,4 @@ def test_train_gpu_script_runs_the_shipped_recipe_at_toy_size(tmp_path: Path) ->
         text=True,
         timeout=1200,
     )
-    assert again.returncode == 0 and again.stdout.count("done before, kept") == 2
+    assert again.returncode == 0 and again.stdout.count("done before, kept") == 3
