@@ -78,7 +78,7 @@ def test_cli_trains_albef_and_clip_on_scenes(tmp_path: Path) -> None:
     res = runner.invoke(
         app,
         ["train", *common, "--arch", "clip", "--model-config", str(clip_cfg), "--out", str(tmp_path / "c")]
-        + ["--bow", "0.5"],
+        + ["--bow", "0.5", "--object-itc", "0.5"],
     )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "clip.json").read_text()) == json.loads(clip_cfg.read_text())
@@ -88,9 +88,15 @@ def test_cli_trains_albef_and_clip_on_scenes(tmp_path: Path) -> None:
     model.load_state_dict(load_file(str(tmp_path / "c" / "clip.safetensors")), strict=True)  # no bow_head
     log = [json.loads(x) for x in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
     assert [r["bow"] for r in log if "bow" in r] and all(r["bow"] > 0 for r in log if "bow" in r)
+    # the scenes give object captions: the object ITC ran
+    assert [r["obj_itc"] for r in log if "obj_itc" in r] and all(
+        r["obj_itc"] > 0 for r in log if "obj_itc" in r
+    )
     val = next(r["val"] for r in log if "val" in r)
     assert val["dual_group_acc_t2i"] is not None and val["rerank_group_acc_t2i"] is None  # CLIP: no ITM
     res = runner.invoke(
         app, ["train", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")]
     )
     assert res.exit_code != 0
+    res = runner.invoke(app, ["train", *common, "--object-itc", "-1", "--out", str(tmp_path / "y")])
+    assert res.exit_code != 0 and "--object-itc" in res.output + str(res.exception)
