@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -169,6 +170,7 @@ def run_pipeline(
     data: Path,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
+    from alignfuse.errors import EncoderMismatchError
     from alignfuse.evaluation.suggest import gallery_from_karpathy
     from alignfuse.index import BuildOptions, build_collection, open_source
     from alignfuse.models.registry import create_cross_encoder, create_dual_encoder
@@ -181,13 +183,22 @@ def run_pipeline(
     split = "" if args.split == "test" else f"-{args.split}"
     root = data / f"collections-{name}{split}-seed{args.seed}-n{args.count}"
     t0 = time.perf_counter()
-    build = build_collection(
-        root / "gallery",
-        open_source(karpathy=karpathy, image_root=scenes_dir),
-        dual,
-        options=BuildOptions(rerank_cache=True, batch_size=128, progress=False),
-        cross_encoder=cross,
-    )
+
+    def build() -> Any:
+        return build_collection(
+            root / "gallery",
+            open_source(karpathy=karpathy, image_root=scenes_dir),
+            dual,
+            options=BuildOptions(rerank_cache=True, batch_size=128, progress=False),
+            cross_encoder=cross,
+        )
+
+    try:
+        built = build()
+    except EncoderMismatchError as exc:  # a cache of other weights: measure these, so rebuild it
+        log.info("rebuilding %s: %s", root, exc)
+        shutil.rmtree(root)
+        built = build()
     build_s = time.perf_counter() - t0
     gallery = gallery_from_karpathy(karpathy)
     queries = gallery_queries(gallery)
@@ -243,7 +254,7 @@ def run_pipeline(
         "dual_id": dual.info.id,
         "reranker_id": cross.info.id,
         "collection_build_s": round(build_s, 1),
-        "collection_items": build.added + build.skipped_existing,
+        "collection_items": built.added + built.skipped_existing,
         "by_candidates": per_cand,
     }
     if args.protocol:
