@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from alignfuse.errors import InvalidInputError
+from alignfuse.training.contrastive import soft_cross_entropy
 
 _PRIME = 1_000_003
 
@@ -64,9 +65,4 @@ class BowTable:
 def bow_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the softmax over all labels against the normalised multi-hot targets (rows without
     labels are ignored)."""
-    mass = targets.sum(dim=1, keepdim=True)
-    keep = mass.squeeze(1) > 0
-    if not bool(keep.any()):
-        return logits.sum() * 0.0
-    dist = targets[keep] / mass[keep]
-    return -(torch.log_softmax(logits[keep].float(), dim=1) * dist).sum(dim=1).mean()
+    return soft_cross_entropy(logits, targets > 0)
